@@ -1,0 +1,95 @@
+# Landmark tagging: train -> export -> archive -> serve -> query, plus tests and benchmarks.
+# Every path is overridable: make train-transfer DATA_DIR=../shared/data/indian_monuments49 OUT=artifacts/im49
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+DATA_URL ?= https://udacity-dlnfd.s3-us-west-1.amazonaws.com/datasets/landmark_images.zip
+DATA_DIR ?= data/landmark_images
+OUT ?=
+TRAIN_ARGS ?=
+MODEL_DIR ?= artifacts/transfer
+MODEL_NAME ?= landmark
+MODEL_VERSION ?= 1.0
+BACKEND ?= onnx
+MODEL_STORE ?= model_store
+IMG ?= ../shared/data/udacity_samples/16.Eiffel_Tower/3828627c8730f160.jpg
+# empty TOPK: the server's default k (5, or every class where the model has fewer)
+TOPK ?=
+APP_PORT ?= 8000
+SRC ?=
+DST ?=
+TAG_ARGS ?=
+
+.PHONY: help install data train-scratch train-transfer export archive serve predict stop bench app tag browser-deps test lint demo clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+install: $(STAMP)  ## create .venv with the pinned dependencies
+
+data: $(STAMP)  ## download + extract the Udacity landmark set into data/ (DATA_URL, DATA_DIR)
+	$(PY) -m train.download --url "$(DATA_URL)" --dest "$(DATA_DIR)"
+
+train-scratch: $(STAMP)  ## train + export the from-scratch CNN (DATA_DIR, OUT)
+	$(PY) -m train.train --arch scratch --data-dir "$(DATA_DIR)" --out "$(or $(OUT),artifacts/scratch)" $(TRAIN_ARGS)
+	$(PY) -m train.export --run-dir "$(or $(OUT),artifacts/scratch)"
+
+train-transfer: $(STAMP)  ## train + export the EfficientNet-Lite transfer network (DATA_DIR, OUT)
+	$(PY) -m train.train --arch transfer --data-dir "$(DATA_DIR)" --out "$(or $(OUT),artifacts/transfer)" $(TRAIN_ARGS)
+	$(PY) -m train.export --run-dir "$(or $(OUT),artifacts/transfer)"
+
+export: $(STAMP)  ## re-export a run folder to model.ts / model.onnx / model_meta.json (OUT)
+	$(PY) -m train.export --run-dir "$(or $(OUT),$(MODEL_DIR))"
+
+archive: $(STAMP)  ## build model_store/landmark.mar from a run folder (MODEL_DIR, BACKEND, MODEL_NAME, MODEL_VERSION)
+	$(PY) -m handlers.archive --model-dir "$(MODEL_DIR)" --backend $(BACKEND) --name $(MODEL_NAME) \
+		--version $(MODEL_VERSION) --store "$(MODEL_STORE)" --force
+
+serve: $(STAMP)  ## start TorchServe with the archive and wait until its worker is READY
+	$(PY) -m handlers.server start --store "$(MODEL_STORE)" --name $(MODEL_NAME)
+
+predict: $(STAMP)  ## top-k landmarks for IMG from the running server
+	$(PY) -m handlers.server predict "$(IMG)" $(if $(TOPK),--topk $(TOPK))
+
+stop: $(STAMP)  ## stop the TorchServe started by make serve
+	$(PY) -m handlers.server stop
+
+bench: $(STAMP)  ## latency benchmarks: eager / TorchScript / ONNX Runtime CPU+CUDA, and the served endpoint
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+app: $(STAMP)  ## the tagging web page on http://127.0.0.1:8000/ (APP_PORT), proxying to the `make serve` TorchServe
+	$(PY) -m app.web --port $(APP_PORT)
+
+tag: $(STAMP)  ## GPS EXIF into copies of the photos in SRC, written to DST (TAG_ARGS="--local artifacts/transfer")
+	$(PY) -m app.tag --src "$(SRC)" --dst "$(DST)" $(TAG_ARGS)
+
+browser-deps:  ## Debian's chromium for the browser tests (apt-get as root) when /usr/bin/chromium is missing
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		else echo "browser-deps: not root, chromium not installed: the browser tests will skip"; fi; \
+	fi
+
+test: $(STAMP) browser-deps  ## the full test suite (what .ci/run runs)
+	$(PY) -m pytest
+
+lint: $(STAMP)  ## ruff
+	$(PY) -m ruff check .
+
+demo: $(STAMP)  ## the main job: data (if missing) -> train-transfer -> export -> archive -> serve -> predict
+	[ -d "$(DATA_DIR)/train" ] || $(MAKE) data
+	$(MAKE) train-transfer OUT=$(MODEL_DIR)
+	$(MAKE) archive serve predict
+
+clean:  ## remove built archives and server state (keeps .venv, data/ and artifacts/)
+	rm -rf $(MODEL_STORE)/*.mar logs

@@ -1,0 +1,154 @@
+// Landmark tagger page: one card per chosen or dropped photo, filled from POST /api/predict.
+"use strict";
+
+const results = document.getElementById("results");
+const banner = document.getElementById("server-status");
+const input = document.getElementById("files");
+const zone = document.getElementById("upload");
+const template = document.getElementById("card-template");
+let maxBytes = 10 * 1024 * 1024;
+
+function showBanner(message) {
+  banner.textContent = message || "";
+  banner.hidden = !message;
+}
+
+function formatMB(bytes) {
+  return `${(bytes / 1024 / 1024).toFixed(1).replace(/\.0$/, "")} MB`;
+}
+
+async function checkServer() {
+  try {
+    const response = await fetch("/api/health");
+    const health = await response.json();
+    showBanner(health.server === "ok" ? "" : `Model server unavailable: ${health.error}`);
+  } catch (err) {
+    showBanner("The tagging app is not reachable. Is `make app` still running?");
+  }
+}
+
+function osmLink(lat, lon) {
+  const la = lat.toFixed(5), lo = lon.toFixed(5);
+  return `https://www.openstreetmap.org/?mlat=${la}&mlon=${lo}#map=15/${la}/${lo}`;
+}
+
+function renderPredictions(card, predictions) {
+  const list = card.querySelector(".predictions");
+  for (const p of predictions) {
+    const item = document.createElement("li");
+    const pct = (100 * p.probability).toFixed(1);
+    item.innerHTML = '<span class="row"><span class="name"></span>' +
+      '<span class="bar" aria-hidden="true"><span></span></span><span class="pct"></span></span>';
+    item.querySelector(".name").textContent = p.name;
+    item.querySelector(".name").title = p.name;
+    item.querySelector(".bar span").style.width = `${pct}%`;
+    item.querySelector(".pct").textContent = `${pct}%`;
+    list.appendChild(item);
+  }
+  list.setAttribute("aria-label", `Top ${predictions.length} landmarks`);
+  list.hidden = false;
+
+  const place = card.querySelector(".place");
+  const loc = predictions[0] && predictions[0].location;
+  if (loc) {
+    const where = [loc.place, loc.country].filter(Boolean).join(", ");
+    const coords = `${loc.lat.toFixed(5)}, ${loc.lon.toFixed(5)}`;
+    place.textContent = `Place: ${where ? where + " · " : ""}${coords} · `;
+    const a = document.createElement("a");
+    a.href = osmLink(loc.lat, loc.lon);
+    a.textContent = "View on OpenStreetMap";
+    a.target = "_blank";
+    a.rel = "noopener noreferrer";
+    place.appendChild(a);
+  } else {
+    place.textContent = "Place: unknown for this landmark";
+  }
+  place.hidden = false;
+}
+
+function fail(card, message) {
+  const state = card.querySelector(".state");
+  state.textContent = message;
+  state.classList.add("error");
+  card.classList.add("failed");
+}
+
+async function tag(file) {
+  const card = template.content.firstElementChild.cloneNode(true);
+  const img = card.querySelector(".thumb");
+  card.querySelector(".filename").textContent = file.name;
+  img.alt = `Your photo ${file.name}`;
+  const noPreview = () => {  // the message on the card says why
+    img.remove();
+    card.querySelector(".placeholder").hidden = false;
+  };
+  img.addEventListener("error", noPreview, { once: true });
+  if (file.type.startsWith("image/")) {
+    img.src = URL.createObjectURL(file);
+  } else {
+    noPreview();
+  }
+  results.prepend(card);
+
+  if (file.size > maxBytes) {
+    fail(card, `File too large: ${file.size.toLocaleString("en")} bytes; the limit is ${formatMB(maxBytes)}.`);
+    return;
+  }
+  let response;
+  try {
+    response = await fetch("/api/predict", {
+      method: "POST",
+      body: file,
+      headers: { "Content-Type": file.type || "application/octet-stream" },
+    });
+  } catch (err) {
+    fail(card, "The tagging app is not reachable. Is `make app` still running?");
+    return;
+  }
+  let body = {};
+  try {
+    body = await response.json();
+  } catch (err) {
+    body = { error: `unexpected answer (HTTP ${response.status})` };
+  }
+  if (!response.ok) {
+    const reason = response.status === 503 ? "Model server unavailable" : "Could not tag this file";
+    fail(card, `${reason}: ${body.error}`);
+    if (response.status === 503) showBanner(`Model server unavailable: ${body.error}`);
+    return;
+  }
+  showBanner("");
+  const top = body.predictions[0];
+  card.querySelector(".state").textContent = `Most likely ${top.name} (${(100 * top.probability).toFixed(1)}%)`;
+  img.alt = `Your photo ${file.name}, most likely ${top.name}`;
+  renderPredictions(card, body.predictions);
+}
+
+function tagAll(files) {
+  for (const file of files) tag(file);
+}
+
+input.addEventListener("change", () => {
+  tagAll(Array.from(input.files));
+  input.value = "";
+});
+for (const name of ["dragenter", "dragover"]) {
+  zone.addEventListener(name, (e) => { e.preventDefault(); zone.classList.add("dragging"); });
+}
+for (const name of ["dragleave", "drop"]) {
+  zone.addEventListener(name, () => zone.classList.remove("dragging"));
+}
+zone.addEventListener("drop", (e) => {
+  e.preventDefault();
+  tagAll(Array.from(e.dataTransfer.files));
+});
+zone.addEventListener("submit", (e) => e.preventDefault());
+// A photo dropped beside the zone must not make the browser leave the page to open it.
+window.addEventListener("dragover", (e) => e.preventDefault());
+window.addEventListener("drop", (e) => e.preventDefault());
+
+fetch("/api/config").then((r) => r.json()).then((cfg) => {
+  maxBytes = cfg.max_upload_bytes;
+  document.getElementById("limit").textContent = formatMB(maxBytes);
+}).catch(() => {});
+checkServer();

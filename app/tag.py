@@ -1,0 +1,254 @@
+"""Batch tagger: GPS EXIF of the recognised landmark, written into copies of photos.
+
+For every JPEG/PNG/WebP under SRC (recursively) it asks the served model (or a local exported
+model with --local) for the top landmarks. A photo without GPS whose top-1 probability reaches
+--min-probability is copied to DST (same relative path) with GPSLatitude/Longitude and the landmark
+name in ImageDescription; originals are never written. DST/tag_report.{json,csv} list every photo
+and double as the resume state: a rerun skips photos whose size and mtime are unchanged.
+
+Usage: python -m app.tag --src photos --dst tagged [--local artifacts/transfer] [--min-probability 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from PIL import Image
+from tqdm import tqdm
+
+from app.client import (
+    DEFAULT_KEY_FILE,
+    DEFAULT_MODEL,
+    ServeError,
+    ServeTarget,
+    default_url,
+    parse_predictions,
+    unreachable,
+)
+from app.exif import SUPPORTED_FORMATS, has_gps, with_gps
+
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp"}
+REPORT_JSON, REPORT_CSV = "tag_report.json", "tag_report.csv"
+CSV_FIELDS = ["path", "landmark", "name", "probability", "lat", "lon", "place", "country", "action", "output",
+              "error"]
+SAVE_EVERY = 25  # photos between state saves: an interrupted run loses at most this much work
+
+Predict = Callable[[bytes], list[dict]]
+
+
+class Abort(Exception):
+    """The run cannot go on (server gone, bad arguments): a message and a non-zero exit."""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, then os.replace: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def find_photos(src: Path, dst: Path) -> list[str]:
+    """Relative POSIX paths of the photos under ``src``, sorted; ``dst`` is skipped if it lies inside."""
+    dst = dst.resolve()
+    found = []
+    for path in src.rglob("*"):
+        if path.suffix.lower() in PHOTO_SUFFIXES and path.is_file() and not path.resolve().is_relative_to(dst):
+            found.append(path.relative_to(src).as_posix())
+    return sorted(found)
+
+
+def signature(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def local_predictor(model_dir: Path, backend: str, device: str, threads: int) -> tuple[Predict, set[str]]:
+    from train.predict import Predictor
+
+    predictor = Predictor.from_dir(model_dir, backend, device=device, threads=threads)
+    return (lambda data: predictor.predict([data])[0]), {c["label"] for c in predictor.classes}
+
+
+def served_predictor(target: ServeTarget, timeout: float) -> Predict:
+    client = httpx.Client(timeout=timeout)
+    try:
+        client.get(f"{target.url.rstrip('/')}/ping")
+    except httpx.HTTPError as e:
+        raise Abort(unreachable(target, e).message) from e
+
+    def predict(data: bytes) -> list[dict]:
+        try:
+            response = client.post(target.predict_url, content=data, headers=target.headers())
+        except httpx.HTTPError as e:
+            raise Abort(unreachable(target, e).message) from e
+        return parse_predictions(response)
+
+    return predict
+
+
+def tag_one(rel: str, src: Path, dst: Path, predict: Predict, args: argparse.Namespace) -> dict:
+    """One photo -> its report record; the tagged copy is written here. Raises Abort only."""
+    source = src / rel
+    record: dict = {**dict.fromkeys(CSV_FIELDS), "path": rel, "source": signature(source), "action": "error",
+                    "output": "", "error": "", "top_k": []}
+    try:
+        data = source.read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            fmt, exif = img.format, img.getexif()
+        predictions = predict(data)
+        top = predictions[0]
+        location = top.get("location") or {}
+        record.update(landmark=top["label"], name=top["name"], probability=top["probability"],
+                      lat=location.get("lat"), lon=location.get("lon"), place=location.get("place"),
+                      country=location.get("country"), top_k=[[p["label"], p["probability"]] for p in predictions])
+        if has_gps(exif) and not args.overwrite_gps:
+            record["action"] = "kept-gps"
+        elif top["probability"] < args.min_probability:
+            record["action"] = "below-threshold"
+        elif not location:
+            record["action"] = "no-location"
+        elif fmt not in SUPPORTED_FORMATS:
+            record["action"] = "unsupported-format"
+        else:
+            atomic_write(dst / rel, with_gps(data, location["lat"], location["lon"], top["name"]))
+            record.update(action="tagged", output=rel)
+    except ServeError as e:
+        if e.status == 503:
+            raise Abort(e.message) from e
+        record["error"] = e.message
+    except (OSError, ValueError, SyntaxError) as e:  # unreadable, corrupt, not an image, bad EXIF
+        record["error"] = f"{e.__class__.__name__}: {e}"
+    return record
+
+
+def is_done(record: dict, src: Path, dst: Path) -> bool:
+    source = src / record["path"]
+    return (source.is_file() and record.get("source") == signature(source)
+            and (record["action"] != "tagged" or (dst / record["output"]).is_file()))
+
+
+def load_state(dst: Path, settings: dict) -> dict[str, dict]:
+    """Records of the previous run with the same settings; anything else means start afresh."""
+    try:
+        previous = json.loads((dst / REPORT_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(previous, dict) or previous.get("settings") != settings:
+        return {}
+    return {r["path"]: r for r in previous.get("photos", []) if isinstance(r, dict) and "path" in r}
+
+
+def summarise(records: list[dict], labels: set[str], src_name: str) -> dict:
+    """Counts per action and top-1 accuracy where the photo's folder name (SRC's own for its top-level
+    photos) is a class label: a data set's test/ split grades itself."""
+    def folder(r: dict) -> str:
+        return Path(src_name, r["path"]).parent.name
+
+    graded = [r for r in records if r.get("landmark") and folder(r) in labels]
+    correct = sum(r["landmark"] == folder(r) for r in graded)
+    return {"photos": len(records), "actions": dict(Counter(r["action"] for r in records)),
+            "graded": len(graded), "correct": correct,
+            "accuracy": round(correct / len(graded), 6) if graded else None}
+
+
+def save_report(dst: Path, settings: dict, records: dict[str, dict], labels: set[str], src_name: str) -> dict:
+    rows = [records[k] for k in sorted(records)]
+    summary = summarise(rows, labels, src_name)
+    report = {"settings": settings, "summary": summary, "photos": rows}
+    atomic_write(dst / REPORT_JSON, json.dumps(report, indent=1).encode("utf-8"))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(dst / REPORT_CSV, text.getvalue().encode("utf-8"))
+    return summary
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m app.tag",
+                                description="Write GPS EXIF of the recognised landmark into copies of photos.")
+    p.add_argument("--src", type=Path, required=True, help="folder of photos (searched recursively, never modified)")
+    p.add_argument("--dst", type=Path, required=True, help="folder for tagged copies and tag_report.{json,csv}")
+    p.add_argument("--min-probability", type=float, default=0.5, help="top-1 probability needed to tag a photo")
+    p.add_argument("--overwrite-gps", action="store_true", help="also tag photos that already have GPS EXIF")
+    p.add_argument("--local", type=Path, metavar="MODEL_DIR", help="use this exported model folder, not TorchServe")
+    p.add_argument("--backend", choices=["onnx", "torchscript"], default="onnx", help="with --local")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="with --local")
+    p.add_argument("--threads", type=int, default=0, help="with --local: intra-op threads (0 = runtime default)")
+    p.add_argument("--inference-url", default=None,
+                   help="TorchServe inference API base URL (default: TORCHSERVE_URL, else the `make serve` server)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registered model name")
+    p.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE,
+                   help="TorchServe's key_file.json (or set TORCHSERVE_TOKEN)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    src, dst = args.src, args.dst
+    if not src.is_dir():
+        raise Abort(f"source folder not found: {src}")
+    if not 0.0 <= args.min_probability <= 1.0:
+        raise Abort(f"--min-probability must be in [0, 1], got {args.min_probability}")
+    if dst.resolve() == src.resolve():
+        raise Abort("--dst must differ from --src: originals are never modified")
+    photos = find_photos(src, dst)
+    if args.local:
+        predict, labels = local_predictor(args.local, args.backend, args.device, args.threads)
+        model = f"local:{args.local.resolve()}:{args.backend}"
+    else:
+        target = ServeTarget(url=args.inference_url or default_url(), model=args.model, key_file=args.key_file)
+        predict, labels, model = served_predictor(target, args.timeout), set(), f"{target.predict_url}"
+    settings = {"model": model, "min_probability": args.min_probability, "overwrite_gps": args.overwrite_gps}
+    dst.mkdir(parents=True, exist_ok=True)
+    previous = load_state(dst, settings)
+    records = {p: previous[p] for p in photos if p in previous and is_done(previous[p], src, dst)}
+    todo = [p for p in photos if p not in records]
+    print(f"{len(photos)} photos in {src}: {len(records)} done before, {len(todo)} to tag", file=sys.stderr)
+
+    def all_labels() -> set[str]:  # served mode: every label the server has named in a top-k
+        return labels or {lab for r in records.values() for lab, _ in r.get("top_k", [])}
+
+    try:
+        for i, rel in enumerate(tqdm(todo, desc="tagging", unit="photo", disable=not todo), 1):
+            records[rel] = tag_one(rel, src, dst, predict, args)
+            if records[rel]["error"]:
+                tqdm.write(f"skipped {rel}: {records[rel]['error']}", file=sys.stderr)
+            if i % SAVE_EVERY == 0:
+                save_report(dst, settings, records, all_labels(), src.resolve().name)
+    finally:
+        summary = save_report(dst, settings, records, all_labels(), src.resolve().name)
+    return summary
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        summary = run(args)
+    except Abort as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    accuracy = summary["accuracy"]
+    acc = f"; top-1 accuracy {accuracy:.4f} on {summary['graded']} photos in class folders" if accuracy is not None \
+        else ""
+    print(f"{summary['photos']} photos: {summary['actions']}{acc}. Report: {args.dst / REPORT_CSV}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,148 @@
+"""The tagging web page and its JSON API, proxying photos to TorchServe's inference API.
+
+Usage: python -m app.web [--port 8000] [--inference-url http://127.0.0.1:8080] [--key-file key_file.json]
+The browser talks only to this process (loopback); the TorchServe token stays here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image, UnidentifiedImageError
+
+from app.client import (
+    DEFAULT_KEY_FILE,
+    DEFAULT_MODEL,
+    ServeError,
+    ServeTarget,
+    default_url,
+    parse_predictions,
+    unreachable,
+)
+
+STATIC = Path(__file__).with_name("static")
+DEFAULT_MAX_UPLOAD = 10 * 1024 * 1024
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def read_limited(request: Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def image_format(data: bytes) -> str | None:
+    """The format named by the file's header (no decoding: TorchServe does the real check)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.format
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+
+
+def create_app(target: ServeTarget, max_upload: int = DEFAULT_MAX_UPLOAD, topk: int | None = None,
+               timeout: float = 30.0) -> FastAPI:
+    app = FastAPI(title="Landmark tagger", docs_url=None, redoc_url=None, openapi_url=None)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    limit_mb = f"{max_upload / 1024 / 1024:g} MB"
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/api/config")
+    async def config() -> dict:
+        return {"max_upload_bytes": max_upload, "topk": topk, "model": target.model}
+
+    @app.get("/api/health")
+    async def health() -> JSONResponse:
+        """Whether TorchServe answers; the page shows a banner when it does not."""
+        try:
+            async with httpx.AsyncClient(timeout=5) as client:
+                response = await client.get(f"{target.url.rstrip('/')}/ping", headers=target.headers())
+        except httpx.HTTPError as e:
+            return JSONResponse({"app": "ok", "server": "down", "error": unreachable(target, e).message})
+        except ServeError as e:
+            return JSONResponse({"app": "ok", "server": "down", "error": e.message})
+        healthy = response.status_code == 200
+        return JSONResponse({"app": "ok", "server": "ok" if healthy else "unhealthy",
+                             "error": None if healthy else f"TorchServe /ping answered {response.status_code}"})
+
+    @app.post("/api/predict")
+    async def predict(request: Request) -> JSONResponse:
+        data = await read_limited(request, max_upload)
+        if data is None:
+            return error(413, f"file too large: the limit is {limit_mb}")
+        if not data:
+            return error(400, "empty upload: the request body has no bytes")
+        if image_format(data) is None:
+            return error(415, "not an image: the file is not in a photo format (JPEG, PNG, WebP, ...)")
+        params = {"topk": topk} if topk else {}  # none: the handler's default, min(5, classes)
+        try:
+            async with httpx.AsyncClient(timeout=timeout) as client:
+                response = await client.post(target.predict_url, content=data, params=params,
+                                             headers=target.headers())
+            predictions = parse_predictions(response)
+        except httpx.HTTPError as e:
+            return error(503, unreachable(target, e).message)
+        except ServeError as e:
+            return error(e.status, e.message)
+        return JSONResponse({"predictions": predictions})
+
+    return app
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m app.web",
+                                description="Web page for tagging photos with the served landmark model.")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (keep it loopback)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--inference-url", default=None,
+                   help="TorchServe inference API base URL (default: TORCHSERVE_URL, else the `make serve` server)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registered model name")
+    p.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE,
+                   help="TorchServe's key_file.json (or set TORCHSERVE_TOKEN)")
+    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD / 1024 / 1024)
+    p.add_argument("--topk", type=int, default=None, help="landmarks per photo (default: the server's, 5)")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    target = ServeTarget(url=args.inference_url or default_url(), model=args.model, key_file=args.key_file)
+    app = create_app(target, max_upload=int(args.max_upload_mb * 1024 * 1024), topk=args.topk)
+    print(f"Landmark tagger: open http://{args.host}:{args.port}/ (TorchServe at {target.url})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

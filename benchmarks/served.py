@@ -1,0 +1,171 @@
+"""The served endpoint under load: real JPEG bytes over HTTP with the inference token, at several
+concurrencies, against the in-process cost of the same bytes (decode + preprocess + model),
+measured in the same run so the difference is TorchServe's own overhead."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import requests
+
+from benchmarks.stats import summarize_ms, time_loop
+
+
+@dataclass
+class Load:
+    concurrency: int
+    max_requests: int
+    budget_s: float
+    timeout_s: float = 60.0
+
+
+def read_token(path: Path) -> str:
+    """TorchServe's key_file.json ({"inference": {"key": ...}}) or a file holding just the key."""
+    text = Path(path).read_text(encoding="utf-8").strip()
+    try:
+        return json.loads(text)["inference"]["key"]
+    except (ValueError, KeyError, TypeError):
+        return text
+
+
+def load_test(url: str, headers: dict, body: bytes, load: Load) -> dict:
+    """Closed loop: ``concurrency`` clients each send the next request when the previous returns."""
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors: list[str] = []
+    sent = 0
+    deadline = time.perf_counter() + load.budget_s
+
+    def client() -> None:
+        nonlocal sent
+        with requests.Session() as session:
+            while True:
+                with lock:
+                    if sent >= load.max_requests or time.perf_counter() >= deadline:
+                        return
+                    sent += 1
+                t = time.perf_counter()
+                try:
+                    r = session.post(url, data=body, headers=headers, timeout=load.timeout_s)
+                    ok, what = r.status_code == 200, f"HTTP {r.status_code}: {r.text[:200]}"
+                except requests.RequestException as e:
+                    ok, what = False, f"{type(e).__name__}: {e}"
+                dt = time.perf_counter() - t
+                with lock:
+                    (latencies.append(dt) if ok else errors.append(what))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(load.concurrency) as pool:
+        for f in [pool.submit(client) for _ in range(load.concurrency)]:
+            f.result()
+    wall = time.perf_counter() - start
+    out = {"concurrency": load.concurrency, "requests": len(latencies) + len(errors), "errors": len(errors),
+           "error_examples": sorted(set(errors))[:3], "wall_s": wall, "throughput_rps": len(latencies) / wall}
+    if latencies:
+        out.update(summarize_ms(latencies))
+    return out
+
+
+def inprocess_reference(model_file: Path, body: bytes, threads: int, budget_s: float) -> dict:
+    """What one request costs without the server: decode + preprocess, model, and both end to end."""
+    from train.predict import Predictor
+
+    predictor = Predictor(model_file, device="cpu", threads=threads)
+    crop = predictor.preprocess(body)[None]
+    parts = {
+        "decode_preprocess": lambda: predictor.preprocess(body),
+        "model": lambda: predictor.probabilities(crop),
+        "end_to_end": lambda: predictor.predict([body], 5),
+    }
+    return {name: summarize_ms(time_loop(fn, budget_s, min_iters=20, max_iters=500)[0]) for name, fn in parts.items()}
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+    except psutil.Error:
+        return None
+
+
+def server_memory(server) -> dict:
+    """RSS of each worker and of the rest of the server's process tree (Java frontend, launcher)."""
+    workers = server.worker_pids()
+    others = []
+    if getattr(server, "pid", None):
+        try:
+            others = [p.pid for p in psutil.Process(server.pid).children(recursive=True) if p.pid not in workers]
+        except psutil.Error:
+            others = []
+    return {"worker_rss_mb": [rss_mb(p) for p in workers],
+            "frontend_rss_mb": round(sum(filter(None, (rss_mb(p) for p in others))), 1) if others else None}
+
+
+def archive_settings() -> dict:
+    """The batching/thread settings ``make archive`` uses (read from handlers.archive, not restated)."""
+    from handlers.archive import build
+
+    params = inspect.signature(build).parameters
+    return {k: params[k].default for k in ("batch_size", "max_batch_delay", "threads")}
+
+
+def run_loads(url: str, headers: dict, body: bytes, loads: list[Load], warmup: int = 4) -> list[dict]:
+    load_test(url, headers, body, Load(1, warmup, 30.0))  # first calls: ORT session warm-up, connection setup
+    return [load_test(url, headers, body, load) for load in loads]
+
+
+def bench_own_server(model_dir: Path, backend: str, body: bytes, loads: list[Load], ref_budget_s: float,
+                     max_batch_delay: int | None = None, start_timeout: float = 240) -> dict:
+    """Archive ``model_dir`` as ``make archive`` does (optionally another batching delay), start an
+    isolated TorchServe on free loopback ports, load it, stop it."""
+    from handlers.archive import build
+    from handlers.server import TorchServe
+
+    settings = archive_settings()
+    if max_batch_delay is not None:
+        settings["max_batch_delay"] = max_batch_delay
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        store = Path(tmp) / "store"
+        build(model_dir, backend, "landmark", "bench", store, force=True, **settings)
+        server = TorchServe(store, "landmark", workdir=Path(tmp) / "ts")
+        t0 = time.perf_counter()
+        try:
+            server.start(timeout=start_timeout)
+            cold = time.perf_counter() - t0
+            url = f"{server.inference_url}/predictions/landmark"
+            headers = {**server.headers(), "Content-Type": "image/jpeg"}
+            levels = run_loads(url, headers, body, loads)
+            memory = server_memory(server)
+        finally:
+            server.stop()
+    ref = inprocess_reference(model_dir / _model_file(backend), body, settings["threads"], ref_budget_s)
+    return {"server": "own", "backend": backend, "archive": settings, "cold_start_s": cold, **memory,
+            "levels": levels, "inprocess": ref, **overhead(levels, ref)}
+
+
+def bench_external(url: str, token: str, body: bytes, loads: list[Load]) -> dict:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "image/jpeg"}
+    return {"server": url, "levels": run_loads(url, headers, body, loads),
+            "cold_start_s": None, "note": "external server: cold start, RSS and in-process reference not measured"}
+
+
+def overhead(levels: list[dict], ref: dict) -> dict:
+    """Served p50 at concurrency 1 minus the in-process end-to-end p50 of the same bytes."""
+    one = next((lv for lv in levels if lv["concurrency"] == 1 and "p50_ms" in lv), None)
+    if one is None:
+        return {}
+    base = ref["end_to_end"]["p50_ms"]
+    return {"overhead_ms": one["p50_ms"] - base, "served_over_inprocess": one["p50_ms"] / base}
+
+
+def _model_file(backend: str) -> str:
+    from train.runtime import MODEL_FILES
+
+    return MODEL_FILES[backend]

@@ -1,0 +1,1 @@
+"""TorchServe serving: the handler, the archive builder and the server controller."""

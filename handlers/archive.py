@@ -1,0 +1,127 @@
+"""Build ``<store>/<name>.mar`` from an exported model folder with torch-model-archiver.
+
+The archive holds the handler, one network (model.onnx or model.ts), model_meta.json, a
+model-config.yaml (batching, handler threads and pixel limit) and the train/ modules the handler
+imports, staged from this repository so the one preprocessing definition travels with the model.
+No photos. The result is byte-reproducible (fixed manifest time, sorted entries, fixed zip
+dates) and is assembled in a temporary folder, then moved into place: never a half-written .mar.
+
+Usage: python -m handlers.archive --model-dir artifacts/transfer --backend onnx --store model_store --force
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from train.runtime import META_FILE, MODEL_FILES
+
+ROOT = Path(__file__).resolve().parents[1]
+HANDLER = Path(__file__).with_name("landmark_handler.py")
+TRAIN_FILES = ("__init__.py", "preprocess.py", "labels.py", "runtime.py", "predict.py", "locations.json")
+FIXED_TIME = "01/01/2000 00:00:00"  # MANIFEST createdOn, so two builds of the same inputs are identical
+ZIP_TIME = (2000, 1, 1, 0, 0, 0)
+
+
+def model_config(batch_size: int, max_batch_delay: int, threads: int, max_pixels: int) -> str:
+    """model-config.yaml: TorchServe reads the batching keys, the handler reads ``handler:``."""
+    return (
+        "# Read by TorchServe when the model is loaded (0.12: model-config.yaml inside the archive).\n"
+        f"batchSize: {batch_size}          # requests merged into one network call\n"
+        f"maxBatchDelay: {max_batch_delay}      # ms to wait for a batch to fill\n"
+        "responseTimeout: 60    # s before a stuck request fails\n"
+        "handler:\n"
+        f"  threads: {threads}           # torch / ORT intra-op threads per worker (env LANDMARK_THREADS)\n"
+        f"  max_pixels: {max_pixels}  # larger images are refused as decompression bombs (env LANDMARK_MAX_PIXELS)\n"
+    )
+
+
+def stage(model_dir: Path, backend: str, work: Path, config_text: str) -> Path:
+    """Lay out the extra files: train/ (repo copy) and model_meta.json at the archive root."""
+    extra = work / "extra"
+    (extra / "train").mkdir(parents=True)
+    for name in TRAIN_FILES:
+        shutil.copyfile(ROOT / "train" / name, extra / "train" / name)
+    shutil.copyfile(model_dir / META_FILE, extra / META_FILE)
+    (work / "model-config.yaml").write_text(config_text, encoding="utf-8")
+    return extra
+
+
+def zip_dir(src: Path, dst: Path) -> None:
+    """A deterministic zip of ``src``: sorted names, fixed dates and modes."""
+    with zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as z:
+        for path in sorted(p for p in src.rglob("*") if p.is_file()):
+            info = zipfile.ZipInfo(path.relative_to(src).as_posix(), ZIP_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            z.writestr(info, path.read_bytes())
+
+
+def build(model_dir: Path, backend: str, name: str, version: str, store: Path, force: bool = False,
+          batch_size: int = 4, max_batch_delay: int = 20, threads: int = 1, max_pixels: int = 40_000_000) -> Path:
+    """Archive ``model_dir``'s exported network; returns the .mar path. Raises FileNotFoundError / FileExistsError."""
+    model_dir, store = Path(model_dir), Path(store)
+    model_file = model_dir / MODEL_FILES[backend]
+    missing = [p.name for p in (model_file, model_dir / META_FILE) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{model_dir} lacks {', '.join(missing)}: run `make export OUT={model_dir}` first")
+    target = store / f"{name}.mar"
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} exists: pass --force (-f) to overwrite")
+    store.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=store, prefix=f".{name}-") as tmp:
+        work = Path(tmp)
+        extra = stage(model_dir, backend, work, model_config(batch_size, max_batch_delay, threads, max_pixels))
+        (work / "tmp").mkdir()
+        cmd = [str(Path(sys.executable).with_name("torch-model-archiver")), "--model-name", name,
+               "--version", version, "--serialized-file", str(model_file), "--handler", str(HANDLER),
+               "--extra-files", str(extra), "--config-file", str(work / "model-config.yaml"),
+               "--export-path", str(work), "--archive-format", "no-archive", "--force"]
+        # the archiver stages in $TMPDIR/<name>: a private TMPDIR keeps parallel builds apart
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(work / "tmp")})
+        if done.returncode != 0:
+            raise RuntimeError(f"torch-model-archiver failed:\n{done.stdout}{done.stderr}")
+        manifest_path = work / name / "MAR-INF" / "MANIFEST.json"
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest["createdOn"] = FIXED_TIME
+        manifest_path.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        zip_dir(work / name, work / "out.mar")
+        os.replace(work / "out.mar", target)
+    return target
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Package an exported landmark model as a TorchServe .mar archive.")
+    p.add_argument("--model-dir", type=Path, required=True, help="folder with model.onnx / model.ts + model_meta.json")
+    p.add_argument("--backend", choices=sorted(MODEL_FILES), default="onnx")
+    p.add_argument("--name", default="landmark", help="model name: the URL is /predictions/<name>")
+    p.add_argument("--version", default="1.0")
+    p.add_argument("--store", type=Path, default=ROOT / "model_store")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite an existing archive")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-batch-delay", type=int, default=20, help="ms")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
+    p.add_argument("--max-pixels", type=int, default=40_000_000)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        path = build(args.model_dir, args.backend, args.name, args.version, args.store, args.force,
+                     args.batch_size, args.max_batch_delay, args.threads, args.max_pixels)
+    except (FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(f"archive: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {path} ({args.backend}, {path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

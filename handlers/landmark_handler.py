@@ -1,0 +1,158 @@
+"""TorchServe handler: photo -> top-k landmarks with locations.
+
+It wraps ``train.predict.Predictor`` (staged into the archive beside this file), so served and
+offline answers come from the same decode, crop, network and softmax. It subclasses BaseHandler,
+not VisionHandler, which would import captum. A bad item in a batch gets its own 400 with a JSON
+error; the other items of the batch are answered normally and the worker keeps running.
+TorchServe accepts only one class per handler module, so bad input is signalled with
+``ImageError`` (the photo) and ``ValueError`` (topk) rather than an exception class of our own.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from train.predict import Predictor
+from train.preprocess import DEFAULT_MAX_PIXELS, ImageError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOPK = 5
+TOPK_PARAM, TOPK_HEADER = "topk", "x-topk"
+IMAGE_FIELDS = ("body", "data", "file", "image", "img", "photo", "b64", "instances")  # preferred request fields
+_BASE64 = re.compile(rb"[A-Za-z0-9+/=_\-\s]+")
+_DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,")
+
+
+def _setting(name: str, handler_cfg: dict, default: int) -> int:
+    """An integer setting: env LANDMARK_<NAME> beats the archive's model-config.yaml ``handler:`` section."""
+    value = os.environ.get(f"LANDMARK_{name.upper()}", handler_cfg.get(name, default))
+    return int(value)
+
+
+def _b64(text: str | bytes) -> bytes:
+    if isinstance(text, bytes):
+        text = text.decode("ascii")
+    text = _DATA_URL.sub("", text.strip())
+    try:
+        return base64.b64decode("".join(text.split()), altchars=b"-_" if "-" in text or "_" in text else None,
+                                validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ImageError(f"invalid base64 image: {e}") from e
+
+
+def image_bytes(item: dict) -> bytes:
+    """The photo of one request: raw body, multipart field, base64 text, or JSON {"data": base64}."""
+    fields = [k for k in IMAGE_FIELDS if k in item] + [k for k in item if k not in IMAGE_FIELDS and k != TOPK_PARAM]
+    if not fields:
+        raise ImageError("no image in the request: send the photo as the body, a form field or base64 JSON")
+    value = item[fields[0]]
+    if isinstance(value, dict):
+        inner = next((value[k] for k in IMAGE_FIELDS if k in value), None)
+        if not isinstance(inner, str):
+            raise ImageError('JSON body needs {"data": "<base64 image>"}')
+        return _b64(inner)
+    if isinstance(value, list):
+        raise ImageError("one image per request: TorchServe batches separate requests")
+    if isinstance(value, str):
+        return _b64(value)
+    value = bytes(value)
+    if value and _BASE64.fullmatch(value):  # no JPEG/PNG/WebP/GIF file is pure base64 text
+        try:
+            return _b64(value)
+        except ImageError:
+            pass  # plain text: decode() below reports "not an image"
+    return value
+
+
+def requested_topk(item: dict, headers: dict) -> str | None:
+    """k as sent: a query/form field ``topk`` (TorchServe passes the query string only on /invocations and
+    /<model>/predict, not on /predictions), a ``"topk"`` key of a JSON body, or the X-Topk header."""
+    json_body = next((v for v in item.values() if isinstance(v, dict) and TOPK_PARAM in v), {})
+    value = item.get(TOPK_PARAM, json_body.get(TOPK_PARAM))
+    if value is None:
+        return next((v for k, v in headers.items() if k.lower() == TOPK_HEADER and isinstance(v, str)), None)
+    return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def parse_topk(raw: str | None, n_classes: int) -> int:
+    """An integer in 1..n_classes, else ValueError (answered with 400); absent: 5 (or fewer classes)."""
+    if raw is None:
+        return min(DEFAULT_TOPK, n_classes)
+    try:
+        k = int(raw.strip())
+    except ValueError:
+        raise ValueError(f"topk must be an integer in 1..{n_classes}, got {raw!r}") from None
+    if not 1 <= k <= n_classes:
+        raise ValueError(f"topk must be in 1..{n_classes}, got {k}")
+    return k
+
+
+class LandmarkHandler(BaseHandler):
+    """Loads model.onnx or model.ts (whichever the archive holds) with its model_meta.json."""
+
+    def initialize(self, context) -> None:
+        props = context.system_properties
+        model_dir = Path(props["model_dir"])
+        handler_cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler", {}) or {}
+        threads = _setting("threads", handler_cfg, 1)  # 1 per worker: more oversubscribes a small CPU 40x
+        max_pixels = _setting("max_pixels", handler_cfg, DEFAULT_MAX_PIXELS)
+        torch.set_num_threads(threads)
+        gpu = props.get("gpu_id") is not None  # TorchServe assigns a GPU only where it has one
+        device = "auto" if gpu else "cpu"  # auto: CUDA only where the ORT provider / torch really activates
+        if gpu and torch.cuda.is_available():
+            torch.cuda.set_device(int(props["gpu_id"]))
+        self.manifest = context.manifest
+        model_file = model_dir / self.manifest["model"]["serializedFile"]
+        self.predictor = Predictor(model_file, device=device, threads=threads, max_pixels=max_pixels)
+        self.n_classes = len(self.predictor.classes)
+        self.initialized = True
+        logger.info("landmark handler: %s on %s (%s), %d classes, threads=%d, max_pixels=%d",
+                    model_file.name, self.predictor.runner.device, self.predictor.runner.providers,
+                    self.n_classes, threads, max_pixels)
+
+    def _prepare(self, idx: int, item: dict) -> tuple[np.ndarray, int]:
+        """(crop, k) for one request item; ImageError / ValueError for a bad photo / topk."""
+        try:
+            k = parse_topk(requested_topk(item, self.context.get_all_request_header(idx) or {}), self.n_classes)
+        except ValueError as e:
+            raise ImageError(str(e)) from e
+        return self.predictor.preprocess(image_bytes(item)), k
+
+    def preprocess(self, data: list[dict]) -> dict:
+        """Decode and check every item; a bad one gets its 400 here and is left out of the batch."""
+        good, errors = [], {}
+        for idx, item in enumerate(data):
+            self.context.set_response_content_type(idx, "application/json")
+            try:
+                crop, k = self._prepare(idx, item)
+                good.append((idx, crop, k))
+            except ImageError as e:
+                self.context.set_response_status(400, "Bad Request", idx)
+                errors[idx] = str(e)
+        logger.info("landmark batch: %d requests, %d bad", len(data), len(errors))
+        return {"size": len(data), "good": good, "errors": errors}
+
+    def inference(self, batch: dict) -> dict:
+        """One network call for all good items of the batch."""
+        crops = [crop for _, crop, _ in batch["good"]]
+        batch["probs"] = self.predictor.probabilities(np.stack(crops)) if crops else []
+        return batch
+
+    def postprocess(self, batch: dict) -> list[str]:
+        """Top-k JSON per good item, ``{"error": ...}`` per bad one, in request order."""
+        responses = [json.dumps({"error": msg}) for msg in batch["errors"].values()]
+        out = dict(zip(batch["errors"], responses, strict=True))
+        for (idx, _, k), p in zip(batch["good"], batch["probs"], strict=True):
+            out[idx] = json.dumps(self.predictor.top_k(p, k))
+        return [out[i] for i in range(batch["size"])]

@@ -1,0 +1,78 @@
+"""Shared fixtures: a small synthetic landmark data set made on the fly (the real photos are
+never copied into the repository), a tiny model trained and exported from it, and the
+path of the shared real data sets (tests that need them skip with a reason where absent)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+# Udacity-style names: a numeric prefix, underscores, and a folder with spaces.
+TINY_CLASSES = ["09.Golden_Gate_Bridge", "16.Eiffel_Tower", "taj mahal"]
+
+
+def synthetic_photo(class_index: int, rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """A class-specific pattern (stripes / checks / rings) in a class colour, with noise."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    phase = rng.uniform(0, 6.28)
+    pattern = [np.sin(yy / 4 + phase), np.sin(xx / 5 + phase) * np.sin(yy / 5),
+               np.sin(np.hypot(xx - w / 2, yy - h / 2) / 3 + phase)][class_index % 3]
+    colour = np.array([[220, 60, 40], [40, 160, 220], [230, 200, 60]][class_index % 3], np.float32)
+    img = 127 + 0.45 * (colour - 127)[None, None, :] * (1 + pattern[..., None])
+    img += rng.normal(0, 12, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def make_dataset(root: Path, n_train: int = 16, n_test: int = 6, seed: int = 0) -> Path:
+    """``root/train/<class>/`` and ``root/test/<class>/`` of JPEG and PNG files of varied sizes."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c, name in enumerate(TINY_CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                size = (int(rng.integers(48, 120)), int(rng.integers(48, 120)))
+                ext = "png" if i % 4 == 0 else "jpg"
+                synthetic_photo(c, rng, size).save(folder / f"{i:03d}.{ext}")
+    return root
+
+
+def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` from the repository root, as the Makefile does."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+TINY_TRAIN_ARGS = ("--arch", "scratch", "--input-size", "32", "--epochs", "8", "--widths", "8,16",
+                   "--depths", "1,1", "--batch-size", "16", "--lr", "3e-3", "--threads", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scratch CNN trained for a few seconds on ``tiny_data`` and exported (ts + onnx + meta)."""
+    out = tmp_path_factory.mktemp("tiny_model")
+    trained = run_module("train.train", *TINY_TRAIN_ARGS, "--data-dir", str(tiny_data), "--out", str(out))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    exported = run_module("train.export", "--run-dir", str(out))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real photo sets not found at {SHARED_DATA} (../shared/data beside the repository)")
+    return SHARED_DATA

@@ -1,0 +1,272 @@
+"""The web app against a real TorchServe serving the tiny model: its JSON API over HTTP, the
+served mode of the batch tagger, and the page in a real headless Chromium (Debian's, driven by
+PyPI's playwright). Screenshots go to $SCREENSHOT_DIR when set (docs/ for the README):
+SCREENSHOT_DIR=docs .venv/bin/python -m pytest tests/test_app.py -k page"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import ROOT, SHARED_DATA, run_module, synthetic_photo
+
+from handlers.server import TorchServe
+from train.predict import Predictor
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+LIMIT_MB = 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sample_photo(tmp: Path) -> Path:
+    """A real Udacity sample photo where ../shared/data is present, else a synthetic JPEG. Screenshots
+    for docs/ use the synthetic one: the real photos are not licensed for the repository."""
+    real = SHARED_DATA / "udacity_samples" / "16.Eiffel_Tower" / "3828627c8730f160.jpg"
+    if real.is_file() and not os.environ.get("SCREENSHOT_DIR"):
+        return real
+    path = tmp / "eiffel.jpg"
+    synthetic_photo(1, np.random.default_rng(0), (320, 240)).save(path, quality=90)
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
+    store = tmp_path_factory.mktemp("store")
+    built = run_module("handlers.archive", "--model-dir", str(tiny_model), "--backend", "onnx", "--name", "landmark",
+                       "--store", str(store))
+    assert built.returncode == 0, built.stderr[-3000:]
+    server = TorchServe(store, "landmark", workdir=tmp_path_factory.mktemp("ts"), workers=1)
+    server.start(timeout=180)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def start_app(inference_url: str, key_file: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """``python -m app.web`` on a free port, as ``make app`` runs it; its output goes to ``log``."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "TORCHSERVE_TOKEN"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.web", "--port", str(port), "--inference-url", inference_url,
+             "--key-file", str(key_file), "--max-upload-mb", str(LIMIT_MB)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app exited with {proc.returncode}: {log.read_text()}")
+        try:
+            if httpx.get(f"{url}/api/config", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise TimeoutError("app did not answer within 60 s")
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def app_url(served: TorchServe, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    proc, url = start_app(served.inference_url, served.workdir / "key_file.json",
+                          tmp_path_factory.mktemp("app") / "app.log")
+    try:
+        yield url
+    finally:
+        stop_app(proc)
+
+
+@pytest.fixture(scope="module")
+def down_app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The app pointed at a port where no TorchServe listens."""
+    tmp = tmp_path_factory.mktemp("down_app")
+    proc, url = start_app(f"http://127.0.0.1:{free_port()}", tmp / "key_file.json", tmp / "app.log")
+    try:
+        yield url
+    finally:
+        stop_app(proc)
+
+
+def test_api_predicts_like_local_model_and_keeps_token(app_url: str, served: TorchServe, tiny_model: Path,
+                                                       tmp_path: Path) -> None:
+    photo = sample_photo(tmp_path)
+    r = httpx.post(f"{app_url}/api/predict", content=photo.read_bytes(), headers={"Content-Type": "image/jpeg"},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    predictions = r.json()["predictions"]
+    local = Predictor.from_dir(tiny_model, "onnx", device="cpu", threads=1).predict([photo], k=3)[0]
+    assert [p["label"] for p in predictions] == [p["label"] for p in local]
+    assert [p["probability"] for p in predictions] == pytest.approx([p["probability"] for p in local], abs=1e-5)
+    assert {"lat", "lon", "country", "place"} <= set(predictions[0]["location"])
+
+    token = json.loads((served.workdir / "key_file.json").read_text())["inference"]["key"]
+    assert len(token) >= 8
+    for path in ("/", "/static/app.js", "/static/style.css", "/api/config", "/api/health"):
+        page = httpx.get(f"{app_url}{path}", timeout=10)
+        assert page.status_code == 200
+        assert token not in page.text and token not in str(page.headers)
+        assert "default-src 'none'" in page.headers["content-security-policy"]
+    assert token not in r.text and token not in str(r.headers)
+    assert httpx.get(f"{app_url}/api/health", timeout=10).json()["server"] == "ok"
+
+
+def test_api_rejects_bad_uploads_with_json(app_url: str, tmp_path: Path) -> None:
+    def post(data: bytes) -> httpx.Response:
+        return httpx.post(f"{app_url}/api/predict", content=data, timeout=60)
+
+    text = post(b"just some notes, not a photo\n")
+    assert text.status_code == 415 and "not an image" in text.json()["error"]
+    assert post(b"").status_code == 400
+    big = post(b"\xff\xd8" + bytes(LIMIT_MB * 1024 * 1024))
+    assert big.status_code == 413 and f"{LIMIT_MB} MB" in big.json()["error"]
+    jpeg = sample_photo(tmp_path).read_bytes()
+    truncated = post(jpeg[: len(jpeg) // 3])  # a JPEG header, then nothing: TorchServe's handler says why
+    assert truncated.status_code == 400 and "truncated" in truncated.json()["error"]
+
+
+def test_api_reports_server_down(down_app_url: str, tmp_path: Path) -> None:
+    health = httpx.get(f"{down_app_url}/api/health", timeout=10).json()
+    assert health["server"] == "down" and "not reachable" in health["error"]
+    r = httpx.post(f"{down_app_url}/api/predict", content=sample_photo(tmp_path).read_bytes(), timeout=30)
+    assert r.status_code == 503 and "make serve" in r.json()["error"]
+
+
+def test_tagger_served_mode_matches_local(served: TorchServe, tiny_model: Path, tiny_data: Path,
+                                          tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(tiny_data / "test" / "16.Eiffel_Tower", src / "16.Eiffel_Tower")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    common = ("--src", str(src), "--min-probability", "0.4")
+    served_run = run_module("app.tag", *common, "--dst", str(tmp_path / "served"), "--inference-url",
+                            served.inference_url, "--key-file", str(served.workdir / "key_file.json"))
+    assert served_run.returncode == 0, served_run.stderr[-3000:]
+    local_run = run_module("app.tag", *common, "--dst", str(tmp_path / "local"), "--local", str(tiny_model),
+                           "--device", "cpu", "--threads", "1")
+    assert local_run.returncode == 0, local_run.stderr[-3000:]
+    rows = {name: {r["path"]: r for r in json.loads((tmp_path / name / "tag_report.json").read_text())["photos"]}
+            for name in ("served", "local")}
+    assert rows["served"].keys() == rows["local"].keys()
+    assert rows["served"]["broken.png"]["action"] == "error"
+    for path, local in rows["local"].items():
+        mine = rows["served"][path]
+        assert (mine["landmark"], mine["action"]) == (local["landmark"], local["action"]), path
+        if local.get("probability") is not None:
+            assert mine["probability"] == pytest.approx(local["probability"], abs=1e-5)
+    again = run_module("app.tag", *common, "--dst", str(tmp_path / "served"), "--inference-url",
+                       served.inference_url, "--key-file", str(served.workdir / "key_file.json"))
+    assert again.returncode == 0 and "0 to tag" in again.stderr, again.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} missing: `make browser-deps` installs Debian's chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def screenshot(page, tmp_path: Path, name: str) -> None:
+    shot = page.screenshot(full_page=True)
+    assert shot.startswith(b"\x89PNG")
+    (tmp_path / name).write_bytes(shot)
+    if os.environ.get("SCREENSHOT_DIR"):
+        target = Path(os.environ["SCREENSHOT_DIR"])
+        target.mkdir(parents=True, exist_ok=True)
+        (target / name).write_bytes(shot)
+
+
+def new_page(browser, url: str, requests: list[str]):
+    page = browser.new_page(viewport={"width": 1000, "height": 760})
+    page.on("request", lambda req: requests.append(req.url))
+    page.goto(url)
+    return page
+
+
+def test_page_tags_photo_and_reports_errors(browser, app_url: str, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    requests: list[str] = []
+    page = new_page(browser, app_url, requests)
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "files"  # the chooser is reachable by keyboard
+    chooser = page.get_by_label("Choose photos")
+    photo = sample_photo(tmp_path)
+    chooser.set_input_files(str(photo))
+    card = page.locator("#results .card").first
+    expect(card.locator(".predictions li")).to_have_count(3, timeout=30_000)  # top-k of a 3-class model
+    expect(card.locator(".place")).to_contain_text("Place:")
+    link = card.get_by_role("link", name="View on OpenStreetMap")
+    assert link.get_attribute("href").startswith("https://www.openstreetmap.org/?mlat=")
+    assert "#map=15/" in link.get_attribute("href")
+    assert photo.name in card.locator("img.thumb").get_attribute("alt")
+    assert page.locator("#results").get_attribute("aria-live") == "polite"
+    screenshot(page, tmp_path, "app.png")
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a shopping list, not a photo")
+    chooser.set_input_files(str(notes))
+    expect(page.locator("#results .card.failed").first).to_contain_text("not an image", timeout=30_000)
+    big = tmp_path / "huge.jpg"
+    big.write_bytes(b"\xff\xd8" + bytes(LIMIT_MB * 1024 * 1024 + 10))
+    chooser.set_input_files(str(big))
+    expect(page.locator("#results .card.failed").first).to_contain_text("too large", timeout=30_000)
+    dropped = page.evaluate_handle("""(b64) => {  // a real drop: a DataTransfer holding the photo
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], "dropped.jpg", {type: "image/jpeg"}));
+        return dt;
+    }""", base64.b64encode(photo.read_bytes()).decode())
+    page.locator("#upload").dispatch_event("drop", {"dataTransfer": dropped})
+    expect(page.locator("#results .card").first.locator(".predictions li")).to_have_count(3, timeout=30_000)
+    expect(page.locator("#results .card").first.locator(".filename")).to_have_text("dropped.jpg")
+    screenshot(page, tmp_path, "app-errors.png")
+    assert all(u.startswith(app_url) or u.startswith("blob:") for u in requests), requests
+    page.close()
+
+
+def test_page_says_when_server_is_down(browser, down_app_url: str, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    page = new_page(browser, down_app_url, [])
+    expect(page.locator("#server-status")).to_contain_text("Model server unavailable", timeout=15_000)
+    photo = io.BytesIO()
+    synthetic_photo(0, np.random.default_rng(2), (120, 90)).save(photo, "JPEG")
+    page.get_by_label("Choose photos").set_input_files(
+        files=[{"name": "bridge.jpg", "mimeType": "image/jpeg", "buffer": photo.getvalue()}])
+    expect(page.locator("#results .card.failed")).to_contain_text("make serve", timeout=30_000)
+    screenshot(page, tmp_path, "app-server-down.png")
+    page.close()

@@ -1,0 +1,370 @@
+"""TorchServe end to end: archive the tiny model (ONNX and TorchScript), serve both from one real
+server on free ports, and check the HTTP contract: top-k format and bounds, every body encoding,
+every photo format, per-item 400s inside a batch, token auth, the closed management API, and
+equality with the offline Predictor."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import json
+import re
+import struct
+import subprocess
+import sys
+import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import requests
+from conftest import ROOT, synthetic_photo
+from PIL import Image
+
+from handlers.archive import TRAIN_FILES, build
+from handlers.server import TorchServe, config_ports, free_ports, read_properties
+from train.predict import Predictor
+
+MODELS = {"landmark_onnx": "onnx", "landmark_ts": "torchscript"}
+N_CLASSES = 3
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+@functools.cache
+def png_bomb(side: int = 20_000) -> bytes:
+    """A valid 1-bit PNG of side x side pixels (400 Mpx) that is a few kB on disk."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    row = b"\x00" * (1 + side // 8)
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def photo() -> Image.Image:
+    return synthetic_photo(1, np.random.default_rng(7), (96, 72))
+
+
+@pytest.fixture(scope="module")
+def jpeg(photo: Image.Image) -> bytes:
+    return encode(photo, "JPEG", quality=90)
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("model_store")
+    for name, backend in MODELS.items():
+        build(tiny_model, backend, name, "1.0", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(store: Path, tmp_path_factory: pytest.TempPathFactory):
+    ts = TorchServe(store, list(MODELS), tmp_path_factory.mktemp("ts"), workers=1)
+    with ts:
+        pids = {m: ts.worker_pids(m) for m in MODELS}
+        tree = [psutil.Process(ts.pid), *psutil.Process(ts.pid).children(recursive=True)]
+        print(f"\nTorchServe cold start (start -> {len(MODELS)} workers READY): {ts.cold_start_s:.1f} s")
+        yield ts
+        # no test may have killed a worker: bad input is answered, never fatal
+        assert {m: ts.worker_pids(m) for m in MODELS} == pids
+    assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "processes left behind"
+
+
+@pytest.fixture(scope="module")
+def predictors(tiny_model: Path) -> dict[str, Predictor]:
+    return {m: Predictor.from_dir(tiny_model, b, device="cpu", threads=1) for m, b in MODELS.items()}
+
+
+def post(server: TorchServe, model: str, body: bytes, content_type: str = "image/jpeg", **kwargs) -> requests.Response:
+    headers = {**server.headers(), "Content-Type": content_type, **kwargs.pop("headers", {})}
+    return requests.post(server.url(model), data=body, headers=headers, timeout=30, **kwargs)
+
+
+def assert_error(r: requests.Response, status: int = 400) -> str:
+    assert r.status_code == status, r.text
+    assert r.headers["Content-Type"].startswith("application/json")
+    return r.json()["error"]
+
+
+# --- archive -----------------------------------------------------------------------------------
+
+
+def test_archive_is_reproducible_and_self_contained(tiny_model: Path, tmp_path: Path) -> None:
+    a = build(tiny_model, "onnx", "m", "2.1", tmp_path / "a")
+    b = build(tiny_model, "onnx", "m", "2.1", tmp_path / "b")
+    assert a.read_bytes() == b.read_bytes()
+    with zipfile.ZipFile(a) as z:
+        names = set(z.namelist())
+        manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+    assert {f"train/{f}" for f in TRAIN_FILES} | {"landmark_handler.py", "model.onnx", "model_meta.json",
+                                                   "model-config.yaml"} == names - {"MAR-INF/MANIFEST.json"}
+    assert manifest["model"] == {"modelName": "m", "serializedFile": "model.onnx", "handler": "landmark_handler.py",
+                                 "modelVersion": "2.1", "configFile": "model-config.yaml"}
+    with pytest.raises(FileExistsError):
+        build(tiny_model, "onnx", "m", "2.1", tmp_path / "a")
+    build(tiny_model, "torchscript", "m", "2.1", tmp_path / "a", force=True)
+    with zipfile.ZipFile(a) as z:
+        assert "model.ts" in z.namelist() and "model.onnx" not in z.namelist()
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["m.mar"]  # no temp leftovers
+
+
+def test_archive_cli_refuses_a_folder_without_exports(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "handlers.archive", "--model-dir", str(tmp_path), "--store",
+                           str(tmp_path / "store")], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "lacks model.onnx, model_meta.json" in done.stderr
+    assert not (tmp_path / "store" / "landmark.mar").exists()
+
+
+def test_config_is_loopback_with_auth_on() -> None:
+    props = read_properties(ROOT / "serve_config" / "config.properties")
+    for key in ("inference_address", "management_address", "metrics_address"):
+        assert props[key].startswith("http://127.0.0.1:")
+    assert props["disable_token_authorization"] == "false" and props["enable_model_api"] == "false"
+    assert set(config_ports(ROOT / "serve_config" / "config.properties").values()) == {8080, 8081, 8082, 7070, 7071}
+
+
+# --- the served model ------------------------------------------------------------------------------
+
+
+def test_server_settings(server: TorchServe) -> None:
+    info = server.describe("landmark_onnx")
+    assert (info["batchSize"], info["maxBatchDelay"]) == (4, 20)
+    assert server.cold_start_s < 60
+    metrics = requests.get(f"{server.metrics_url}/metrics", timeout=10)
+    assert metrics.status_code == 200 and "# TYPE" in metrics.text
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_topk_format_and_order(server: TorchServe, model: str, jpeg: bytes, predictors: dict) -> None:
+    r = post(server, model, jpeg)
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/json"
+    preds = r.json()
+    assert len(preds) == N_CLASSES  # default k = 5, bounded by the 3 classes
+    probs = [p["probability"] for p in preds]
+    assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
+    labels = {c["label"] for c in predictors[model].classes}
+    for p in preds:
+        assert set(p) == {"label", "name", "probability", "location"} and p["label"] in labels
+        assert set(p["location"]) == {"lat", "lon", "country", "place"}
+    assert [p["label"] for p in post(server, model, jpeg, headers={"X-Topk": "2"}).json()] == [
+        p["label"] for p in preds[:2]]
+
+
+def test_topk_from_query_form_json_and_header(server: TorchServe, jpeg: bytes) -> None:
+    auth, base = server.headers(), server.inference_url
+    answers = [
+        post(server, "landmark_onnx", jpeg, headers={"x-topk": "1"}),
+        # TorchServe passes the query string to the handler on these two endpoints (not on /predictions)
+        requests.post(f"{base}/invocations", params={"model_name": "landmark_onnx", "topk": 1}, data=jpeg,
+                      headers={**auth, "Content-Type": "image/jpeg"}, timeout=30),
+        requests.post(f"{base}/landmark_onnx/predict", params={"topk": 1}, data=jpeg,
+                      headers={**auth, "Content-Type": "image/jpeg"}, timeout=30),
+        requests.post(server.url("landmark_onnx"), files={"data": jpeg}, data={"topk": "1"}, headers=auth, timeout=30),
+        requests.post(server.url("landmark_onnx"), json={"data": base64.b64encode(jpeg).decode(), "topk": 1},
+                      headers=auth, timeout=30),
+    ]
+    assert [r.status_code for r in answers] == [200] * len(answers), [r.text for r in answers]
+    assert all(len(r.json()) == 1 and r.json() == answers[0].json() for r in answers)
+
+
+@pytest.mark.parametrize("k", ["0", "4", "-1", "abc", "2.5", ""])
+def test_topk_out_of_range_is_400(server: TorchServe, jpeg: bytes, k: str) -> None:
+    assert "topk" in assert_error(post(server, "landmark_onnx", jpeg, headers={"X-Topk": k}))
+    query = requests.post(f"{server.inference_url}/invocations", params={"model_name": "landmark_ts", "topk": k},
+                          data=jpeg, headers={**server.headers(), "Content-Type": "image/jpeg"}, timeout=30)
+    assert "topk" in assert_error(query)
+
+
+def test_every_body_encoding_gives_the_same_answer(server: TorchServe, jpeg: bytes) -> None:
+    b64 = base64.b64encode(jpeg).decode()
+    auth = server.headers()
+    url = server.url("landmark_onnx")
+    answers = [
+        post(server, "landmark_onnx", jpeg),  # raw body (curl -T)
+        post(server, "landmark_onnx", jpeg, "application/octet-stream"),
+        requests.post(url, files={"data": ("p.jpg", jpeg, "image/jpeg")}, headers=auth, timeout=30),  # multipart
+        requests.post(url, files={"image": ("p.jpg", jpeg)}, data={"topk": "3"}, headers=auth, timeout=30),
+        requests.post(url, json={"data": b64}, headers=auth, timeout=30),  # JSON {"data": base64}
+        post(server, "landmark_onnx", b64.encode(), "text/plain"),  # a bare base64 string
+        post(server, "landmark_onnx", f"data:image/jpeg;base64,{b64}".encode(), "text/plain"),
+        post(server, "landmark_onnx", base64.urlsafe_b64encode(jpeg), "application/octet-stream"),
+    ]
+    assert [r.status_code for r in answers] == [200] * len(answers), [r.text for r in answers]
+    assert all(r.json() == answers[0].json() for r in answers)
+
+
+def photo_variants(photo: Image.Image) -> dict[str, bytes]:
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(photo.size))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    grey16 = Image.fromarray(np.asarray(photo.convert("L"), np.uint16) * 257)  # mode I;16
+    frames = [photo, photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    return {
+        "png": encode(photo, "PNG"),
+        "rgba_png": encode(rgba, "PNG"),
+        "greyscale_jpeg": encode(photo.convert("L"), "JPEG"),
+        "cmyk_jpeg": encode(photo.convert("CMYK"), "JPEG"),
+        "16bit_png": encode(grey16, "PNG"),
+        "exif_rotated_jpeg": encode(photo, "JPEG", exif=exif),
+        "webp": encode(photo, "WEBP", quality=90),
+        "gif_2_frames": encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "palette_png": encode(photo.convert("P"), "PNG"),
+    }
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_served_equals_offline_predictor_for_every_format(server: TorchServe, model: str, photo: Image.Image,
+                                                          predictors: dict) -> None:
+    for kind, data in photo_variants(photo).items():
+        r = post(server, model, data, "application/octet-stream", headers={"X-Topk": "3"})
+        assert r.status_code == 200, (kind, r.text)
+        offline = predictors[model].predict([data], 3)[0]
+        served = r.json()
+        assert [p["label"] for p in served] == [p["label"] for p in offline], kind
+        assert np.allclose([p["probability"] for p in served], [p["probability"] for p in offline], atol=2e-6), kind
+
+
+def bad_inputs(jpeg: bytes) -> dict[str, bytes]:
+    return {
+        "empty": b"",
+        "garbage": bytes(range(256)) * 4,
+        "truncated_jpeg": jpeg[: len(jpeg) // 2],
+        "text": b"hello, this is not a photo",
+        "bad_base64": b"aGVsbG8=",  # valid base64 of 'hello': not an image either
+        "decompression_bomb": png_bomb(),
+        "html": b"<html><body>no</body></html>",
+    }
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_bad_input_is_a_json_400(server: TorchServe, model: str, jpeg: bytes) -> None:
+    pids = server.worker_pids(model)
+    for kind, data in bad_inputs(jpeg).items():
+        error = assert_error(post(server, model, data, "application/octet-stream"))
+        assert error, kind
+    assert "too large" in assert_error(post(server, model, png_bomb(), "image/png"))
+    no_data = requests.post(server.url(model), json={"image_url": 1}, headers=server.headers(), timeout=30)
+    assert "JSON body needs" in assert_error(no_data)
+    assert post(server, model, jpeg).status_code == 200
+    assert server.worker_pids(model) == pids
+
+
+def test_bad_item_in_a_batch_gets_its_own_400(server: TorchServe, jpeg: bytes) -> None:
+    """Concurrent requests are merged by TorchServe (batchSize 4, maxBatchDelay 20 ms)."""
+    log = server.workdir / "logs" / "model_log.log"
+    bodies = [jpeg, jpeg, b"not a photo at all", jpeg] * 3
+    pattern = re.compile(r"landmark batch: (\d+) requests, (\d+) bad")
+    for _ in range(3):  # batching depends on timing: retry until a mixed batch happened
+        before = log.read_text(errors="replace").count("landmark batch:")
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            answers = list(pool.map(lambda b: post(server, "landmark_ts", b), bodies))
+        assert [r.status_code for r in answers] == [400 if b.startswith(b"not") else 200 for b in bodies]
+        assert all(r.json() == answers[0].json() for r in answers if r.status_code == 200)
+        batches = [(int(n), int(bad)) for n, bad in pattern.findall(log.read_text(errors="replace"))[before:]]
+        if any(n > 1 and 0 < bad < n for n, bad in batches):
+            return
+    pytest.fail(f"TorchServe never batched a bad item with good ones: {batches}")
+
+
+def test_token_required_and_management_closed(server: TorchServe, jpeg: bytes) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, server.management_headers()):
+        r = requests.post(server.url("landmark_onnx"), data=jpeg, headers={"Content-Type": "image/jpeg", **headers},
+                          timeout=30)
+        assert r.status_code in (400, 401, 403) and r.json()["type"] == "InvalidKeyException", r.text
+    assert requests.get(f"{server.management_url}/models", timeout=10).status_code in (400, 401, 403)
+    mgmt = server.management_headers()
+    register = requests.post(f"{server.management_url}/models", params={"url": "landmark_onnx.mar"}, headers=mgmt,
+                             timeout=10)
+    unregister = requests.delete(f"{server.management_url}/models/landmark_onnx", headers=mgmt, timeout=10)
+    assert [register.status_code, unregister.status_code] == [405, 405]
+    # enable_model_api=false leaves worker scaling open, to management-key holders only
+    scale = requests.put(f"{server.management_url}/models/landmark_onnx", params={"min_worker": 3}, timeout=10)
+    assert scale.status_code in (400, 401, 403) and scale.json()["type"] == "InvalidKeyException"
+    assert server.describe("landmark_onnx")["workers"]  # still served
+    old = server.headers()
+    server.renew_key()  # what headers() does once the 60-minute key has expired
+    assert server.headers() != old
+    assert post(server, "landmark_onnx", jpeg).status_code == 200
+    assert post(server, "landmark_onnx", jpeg, headers=old).status_code in (400, 401, 403)
+
+
+def test_udacity_samples_top1_matches_offline(server: TorchServe, shared_data: Path, predictors: dict) -> None:
+    photos = sorted((shared_data / "udacity_samples").rglob("*.jpg"))
+    if not photos:
+        pytest.skip(f"no photos in {shared_data / 'udacity_samples'}")
+    for model, predictor in predictors.items():
+        for path in photos:
+            r = post(server, model, path.read_bytes(), headers={"X-Topk": "1"})
+            assert r.status_code == 200, r.text
+            assert r.json()[0]["label"] == predictor.predict([path], 1)[0][0]["label"], (model, path.name)
+
+
+# --- the make serve / predict / stop CLI -----------------------------------------------------------
+
+
+def test_cli_start_predict_stop(store: Path, tmp_path: Path, jpeg: bytes) -> None:
+    ports = dict(zip(("inference", "management", "metrics", "grpc_inference", "grpc_management"), free_ports(5),
+                     strict=True))
+    overrides = {f"{k}_address": f"http://127.0.0.1:{ports[k]}" for k in ("inference", "management", "metrics")}
+    overrides |= {f"{k}_port": str(ports[k]) for k in ("grpc_inference", "grpc_management")}
+    overrides["default_workers_per_model"] = "1"
+    lines = (ROOT / "serve_config" / "config.properties").read_text().splitlines()
+    text = "\n".join(f"{ln.split('=')[0]}={overrides[ln.split('=')[0]]}" if ln.split("=")[0] in overrides else ln
+                     for ln in lines)
+    config = tmp_path / "config.properties"
+    config.write_text(text)
+    assert config_ports(config) == ports
+    work, img = tmp_path / "work", tmp_path / "photo.jpg"
+    img.write_bytes(jpeg)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "handlers.server", "--workdir", str(work), *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=180)
+
+    started = cli("start", "--store", str(store), "--name", "landmark_onnx", "--config", str(config))
+    try:
+        assert started.returncode == 0, started.stderr
+        pid = json.loads((work / "server.json").read_text())["pid"]
+        tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        again = cli("start", "--store", str(store), "--name", "landmark_onnx", "--config", str(config))
+        assert again.returncode == 1 and "make stop" in again.stderr
+        predicted = cli("predict", str(img), "--topk", "2")
+        assert predicted.returncode == 0, predicted.stderr
+        assert len(predicted.stdout.splitlines()) == 3 and "Eiffel Tower" in predicted.stdout
+        bad = tmp_path / "bad.jpg"
+        bad.write_bytes(b"nope")
+        failed = cli("predict", str(bad))
+        assert failed.returncode == 1 and "HTTP 400" in failed.stderr and "not an image" in failed.stderr
+    finally:
+        stopped = cli("stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "processes left behind"
+    assert cli("stop").stdout.strip() == "no server running"
+
+
+def test_start_fails_loudly_on_a_broken_archive(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    with zipfile.ZipFile(store / "broken.mar", "w") as z:
+        z.writestr("MAR-INF/MANIFEST.json", json.dumps({"runtime": "python", "model": {
+            "modelName": "broken", "serializedFile": "model.onnx", "handler": "landmark_handler.py",
+            "modelVersion": "1.0"}}))
+        z.writestr("landmark_handler.py", "raise ImportError('deliberately broken handler')\n")
+    ts = TorchServe(store, "broken", tmp_path / "ts", workers=1)
+    with pytest.raises(RuntimeError, match="died while loading"):
+        ts.start(timeout=90)
+    assert ts.pid is None

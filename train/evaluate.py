@@ -1,0 +1,115 @@
+"""Test-set evaluation of a finished run: metrics.json, curves.png and confusion.png."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch.utils.data import DataLoader
+
+from train.data import PhotoDataset
+from train.engine import Run
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@torch.no_grad()
+def predict_logits(net: torch.nn.Module, ds: PhotoDataset, device: torch.device) -> np.ndarray:
+    net.eval()
+    return torch.cat([net(x.to(device)).float().cpu() for x, _ in DataLoader(ds, batch_size=128)]).numpy()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _save(fig: Figure, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def _plot_curves(history: list[dict], path: Path) -> None:
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    x = np.arange(1, len(history) + 1)
+    for key, style in (("train", "-"), ("val", "--")):
+        ax_loss.plot(x, [h[f"{key}_loss"] for h in history], style, label=key)
+        ax_acc.plot(x, [h[f"{key}_acc"] for h in history], style, label=key)
+    stages = [h["stage"] for h in history]
+    for i in range(1, len(stages)):
+        if stages[i] != stages[i - 1]:
+            for ax in (ax_loss, ax_acc):
+                ax.axvline(i + 0.5, color="grey", lw=0.8)
+    ax_loss.set(xlabel="epoch (all stages)", ylabel="cross-entropy", title="loss")
+    ax_acc.set(xlabel="epoch (all stages)", ylabel="accuracy", title="accuracy", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _plot_confusion(cm: np.ndarray, names: list[str], path: Path) -> None:
+    n = len(names)
+    size = max(6, 0.22 * n + 3)
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), names, fontsize=7)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion (row-normalised)")
+    _save(fig, path)
+
+
+def write_report(run: Run, test_ds: PhotoDataset, train_seconds: float) -> dict:
+    """Evaluate the best network on the test set and write the run's report files."""
+    t0 = time.perf_counter()
+    logits = predict_logits(run.net, test_ds, run.device)
+    y = test_ds.labels.numpy()
+    names = [c["name"] for c in run.record["classes"]]
+    n = len(names)
+    top5 = np.argsort(-logits, axis=1)[:, : min(5, n)]
+    pred = top5[:, 0]
+    cm = np.zeros((n, n), dtype=np.int64)
+    np.add.at(cm, (y, pred), 1)
+    per_class = {c["label"]: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None)
+                 for i, c in enumerate(run.record["classes"])}
+    metrics = {
+        "arch": run.record["arch"],
+        "test_accuracy": float((pred == y).mean()),
+        "test_top5": float((top5 == y[:, None]).any(1).mean()),
+        "n_test": len(y),
+        "per_class_accuracy": per_class,
+        "class_names": names,
+        "epochs": len(run.history),
+        "best_val_loss": run.best_val_loss,
+        "seconds": round(train_seconds + time.perf_counter() - t0, 1),
+        "device": str(run.device),
+        "threads": torch.get_num_threads(),
+        "data_dir": run.record["data_dir"],
+        "dataset_fingerprint": run.record["data_fingerprint"],
+        "preprocess": run.record["preprocess"],
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+    }
+    atomic_write_text(run.out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    _plot_curves(run.history, run.out_dir / "curves.png")
+    _plot_confusion(cm, names, run.out_dir / "confusion.png")
+    return metrics

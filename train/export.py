@@ -1,0 +1,135 @@
+"""Export a run's best checkpoint to TorchScript (model.ts) and ONNX (model.onnx) plus
+model_meta.json, and refuse to publish them unless eager, TorchScript and ONNX Runtime agree
+(same top-1, probabilities within --atol) on real test photos.
+
+  python -m train.export --run-dir artifacts/transfer
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train.data import find_classes, list_samples
+from train.labels import softmax
+from train.nets import build
+from train.preprocess import PreprocessConfig, load_input
+from train.runtime import INPUT_NAME, META_FILE, MODEL_FILES, OUTPUT_NAME, load_runner
+
+ONNX_OPSET = 17
+
+
+def load_checkpoint(run_dir: Path) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the network from the constructor record stored beside its weights."""
+    path = run_dir / "best.pt"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: train first (python -m train.train ... --out {run_dir})")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    net = build(ckpt["arch"], **ckpt["model_args"])
+    net.load_state_dict(ckpt["net"])
+    return net.eval(), ckpt
+
+
+def export_torchscript(net: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    with torch.no_grad():
+        traced = torch.jit.trace(net, example)
+        torch.jit.save(torch.jit.freeze(traced), str(path))
+
+
+def export_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    """One self-contained file (no .onnx.data side file), dynamic batch."""
+    with torch.no_grad():
+        torch.onnx.export(net, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          opset_version=ONNX_OPSET, dynamo=False)
+
+
+def parity_images(data_dir: Path, n: int) -> list[Path]:
+    """Up to n test photos spread over the classes, in a fixed order."""
+    test = list_samples(data_dir / "test", find_classes(data_dir / "train"))
+    step = max(1, len(test) // n)
+    return [p for p, _ in test[::step][:n]]
+
+
+def check_parity(net: torch.nn.Module, files: dict[str, Path], batch: np.ndarray, atol: float) -> dict:
+    """Eager vs each exported file on the same uint8 batch; raises if any disagree."""
+    with torch.no_grad():
+        ref = softmax(net(torch.from_numpy(batch)).numpy())
+    report = {"n_images": len(batch), "atol": atol}
+    for backend, path in files.items():
+        probs = softmax(load_runner(path, device="cpu")(batch))
+        diff = float(np.abs(probs - ref).max())
+        same_top1 = bool((probs.argmax(1) == ref.argmax(1)).all())
+        report[backend] = {"max_abs_prob_diff": diff, "top1_agrees": same_top1}
+        if not same_top1 or diff > atol:
+            raise SystemExit(f"export parity FAILED for {backend}: max |dp| = {diff:.2e}, top-1 agrees: {same_top1}")
+    return report
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", type=Path, required=True, help="output folder of python -m train.train")
+    p.add_argument("--data-dir", type=Path, help="photos for the parity check (default: the training data)")
+    p.add_argument("--parity-images", type=int, default=32)
+    p.add_argument("--atol", type=float, default=1e-4, help="largest allowed probability difference")
+    p.add_argument("--model-version", default="1.0")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    torch.manual_seed(0)
+    net, ckpt = load_checkpoint(args.run_dir)
+    cfg = PreprocessConfig.from_dict(ckpt["preprocess"])
+    data_dir = args.data_dir or Path(ckpt["data_dir"])
+    if not (data_dir / "test").is_dir():
+        raise SystemExit(f"{data_dir}/test not found: pass --data-dir with real photos for the parity check")
+    batch = np.stack([load_input(p, cfg) for p in parity_images(data_dir, args.parity_images)])
+    example = torch.from_numpy(batch[:2])
+
+    with tempfile.TemporaryDirectory(dir=args.run_dir, prefix=".export-") as tmp:
+        staged = {backend: Path(tmp) / name for backend, name in MODEL_FILES.items()}
+        export_torchscript(net, example, staged["torchscript"])
+        export_onnx(net, example, staged["onnx"])
+        parity = check_parity(net, staged, batch, args.atol)
+        metrics_path = args.run_dir / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        meta = {
+            "model_version": args.model_version,
+            "arch": ckpt["arch"],
+            "model_args": ckpt["model_args"],
+            "preprocess": cfg.to_dict(),
+            "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW",
+                      "shape": ["batch", 3, cfg.input_size, cfg.input_size]},
+            "output": {"name": OUTPUT_NAME, "kind": "logits"},
+            "classes": ckpt["classes"],
+            "metrics": {k: metrics.get(k) for k in ("test_accuracy", "test_top5", "n_test", "dataset_fingerprint")},
+            "parity": parity,
+            "files": {path.name: sha256(path) for path in staged.values()},
+            "onnx_opset": ONNX_OPSET,
+            "torch": torch.__version__,
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (Path(tmp) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        for name in [*MODEL_FILES.values(), META_FILE]:
+            os.replace(Path(tmp) / name, args.run_dir / name)
+    print(f"exported {', '.join(MODEL_FILES.values())}, {META_FILE} to {args.run_dir}; parity on "
+          f"{parity['n_images']} photos: " + ", ".join(f"{b} max|dp|={parity[b]['max_abs_prob_diff']:.1e}"
+                                                         for b in MODEL_FILES))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,97 @@
+"""Run an exported landmark model, TorchScript or ONNX, chosen by file extension.
+
+Every runner takes the same input (uint8 NCHW crops from ``train.preprocess``) and returns
+float32 logits, so handler, predictor and benchmarks swap backends without other changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from pathlib import Path
+
+import numpy as np
+
+META_FILE = "model_meta.json"
+MODEL_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+
+
+def read_meta(model_dir: Path) -> dict:
+    """The metadata written by ``train.export``: preprocessing, classes, version, metrics."""
+    path = Path(model_dir) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `make export` on a training output first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _cuda_driver_present() -> bool:
+    """Without libcuda the CUDA provider can only fail (noisily): do not even try."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+class OnnxRunner:
+    """ONNX Runtime session; CUDA only where the provider is really active after creation."""
+
+    backend = "onnx"
+
+    def __init__(self, path: Path, device: str = "auto", threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads  # 0 = ORT's default (one per physical core)
+        opts.inter_op_num_threads = 1
+        cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
+        cuda = cuda and _cuda_driver_present()
+        if cuda and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels torch already installed
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        self.providers = self.session.get_providers()
+        self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
+        if device == "cuda" and self.device != "cuda":
+            why = "" if _cuda_driver_present() else " (no CUDA driver: libcuda.so.1 not found)"
+            raise RuntimeError(f"CUDA requested but ONNX Runtime runs on {self.providers}{why}")
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+
+
+class TorchScriptRunner:
+    """A frozen TorchScript module on CUDA when available (or asked), else CPU."""
+
+    backend = "torchscript"
+
+    def __init__(self, path: Path, device: str = "auto", threads: int = 0) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("CUDA requested but torch.cuda.is_available() is False")
+        self.device = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        self.providers = [self.device]
+        self.module = torch.jit.load(str(path), map_location=self.device).eval()
+        self._torch = torch
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            x = self._torch.from_numpy(batch).to(self.device)
+            return self.module(x).float().cpu().numpy()
+
+
+RUNNERS = {".onnx": OnnxRunner, ".ts": TorchScriptRunner, ".pt": TorchScriptRunner}
+
+
+def load_runner(path: Path, device: str = "auto", threads: int = 0) -> OnnxRunner | TorchScriptRunner:
+    """Pick the runner by the model file's extension (as TorchServe's handlers do)."""
+    path = Path(path)
+    try:
+        runner = RUNNERS[path.suffix]
+    except KeyError:
+        raise ValueError(f"unknown model file type {path.name!r}: expected one of {sorted(RUNNERS)}") from None
+    return runner(path, device=device, threads=threads)

@@ -1,0 +1,122 @@
+"""How each network is trained, as a list of ``engine.Stage``s.
+
+scratch: end to end on augmented photos.
+transfer: the frozen trunk (stem + block stages below ``cut``) runs once over a few augmented
+views of every photo and its activations are cached; then (1) a linear head is fitted on pooled
+features and (2) the stages above ``cut`` are fine-tuned with the head. On a 2-core CPU this is
+minutes instead of hours, and the result is the same network, exported whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset, default_collate
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from train.data import PhotoDataset, train_augment
+from train.engine import Stage
+from train.nets import ScratchCNN, TransferNet
+from train.optim import make_optimizer, param_groups, warmup_cosine
+
+
+def _loader(ds: torch.utils.data.Dataset, batch_size: int, shuffle: bool, seed: int,
+            collate_fn: Callable | None = None) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=shuffle,
+                      collate_fn=collate_fn)
+
+
+def _mix_collate(num_classes: int) -> Callable:
+    """Batch-level MixUp or CutMix (one at random): the strongest regulariser for a from-scratch
+    net on a few dozen photos per class. Pixels stay on the 0..255 scale the net expects."""
+    mix = v2.RandomChoice([v2.MixUp(alpha=0.2, num_classes=num_classes), v2.CutMix(alpha=1.0, num_classes=num_classes)])
+
+    def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = default_collate(batch)
+        return mix(x.float(), y)
+
+    return collate
+
+
+def _schedule(module: nn.Module, args: argparse.Namespace, lr: float, epochs: int, steps: int,
+              lr_scale: dict[str, float] | None = None) -> tuple:
+    opt = make_optimizer(args.opt, param_groups(module, args.weight_decay, lr_scale), lr)
+    return opt, warmup_cosine(opt, epochs * steps, warmup_steps=max(1, round(args.warmup_epochs * steps)))
+
+
+def scratch_stages(net: ScratchCNN, train_ds: PhotoDataset, val_ds: PhotoDataset,
+                   args: argparse.Namespace) -> list[Stage]:
+    collate = _mix_collate(net.head[-1].out_features) if args.mix else None
+    train_loader = _loader(train_ds, args.batch_size, True, args.seed, collate)
+    opt, sched = _schedule(net, args, args.lr, args.epochs, len(train_loader))
+    return [Stage("scratch", net, train_loader, _loader(val_ds, 256, False, args.seed),
+                  opt, sched, args.epochs, args.patience)]
+
+
+class _Tail(nn.Module):
+    """The trainable part of the transfer net, fed cached trunk activations."""
+
+    def __init__(self, net: TransferNet, cut: int) -> None:
+        super().__init__()
+        self.net, self.cut = net, cut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.tail(x.float().contiguous(memory_format=torch.channels_last), self.cut)
+
+
+@torch.no_grad()
+def _cache(fn, ds: PhotoDataset, repeats: int, desc: str, device: torch.device) -> TensorDataset:
+    """Run ``fn`` over ``repeats`` passes of ``ds`` (new augmentations each pass), kept in fp16."""
+    xs, ys = [], []
+    for r in range(repeats):
+        for x, y in tqdm(DataLoader(ds, batch_size=64), desc=f"{desc} {r + 1}/{repeats}", leave=False):
+            xs.append(fn(x.to(device).contiguous(memory_format=torch.channels_last)).to("cpu", torch.float16))
+            ys.append(y)
+    return TensorDataset(torch.cat(xs), torch.cat(ys))
+
+
+def _pool(net: TransferNet, acts: torch.Tensor, cut: int, device: torch.device) -> torch.Tensor:
+    b = net.body
+    out = [b.global_pool(b.bn2(b.conv_head(b.blocks[cut:](a.to(device).float())))).cpu()
+           for a in acts.split(256)]
+    return torch.cat(out)
+
+
+def transfer_stages(net: TransferNet, train_ds: PhotoDataset, val_ds: PhotoDataset, args: argparse.Namespace,
+                    device: torch.device) -> list[Stage]:
+    cut = args.cut
+    net.to(memory_format=torch.channels_last)  # ~1.7x faster depthwise convs on CPU
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    train_ds.augment = train_augment(train_ds.cfg, scale=(args.min_scale, 1.0))
+    trunk = lambda x: net.trunk(x, cut)  # noqa: E731
+    train_acts = _cache(trunk, train_ds, args.views, "trunk (augmented views)", device)
+    val_acts = _cache(trunk, val_ds, 1, "trunk (val)", device)
+
+    with torch.no_grad():
+        net.eval()
+        train_feats = TensorDataset(_pool(net, train_acts.tensors[0], cut, device), train_acts.tensors[1])
+        val_feats = TensorDataset(_pool(net, val_acts.tensors[0], cut, device), val_acts.tensors[1])
+    for p in net.head.parameters():
+        p.requires_grad_(True)
+    head_loader = _loader(train_feats, 256, True, args.seed)
+    opt, sched = _schedule(net.head, args, args.head_lr, args.head_epochs, len(head_loader))
+    stages = [Stage("head", net.head, head_loader, _loader(val_feats, 1024, False, args.seed),
+                    opt, sched, args.head_epochs, args.patience)]
+
+    if args.epochs > 0:
+        tail = _Tail(net, cut)
+        for module in (net.body.blocks[cut:], net.body.conv_head, net.body.bn2):
+            for p in module.parameters():
+                p.requires_grad_(True)
+        tail_loader = _loader(train_acts, args.batch_size, True, args.seed)
+        opt, sched = _schedule(tail, args, args.lr, args.epochs, len(tail_loader), {"net.head": args.head_lr_scale})
+        stages.append(Stage("finetune", tail, tail_loader, _loader(val_acts, 256, False, args.seed),
+                            opt, sched, args.epochs, args.patience))
+    return stages

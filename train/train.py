@@ -1,0 +1,141 @@
+"""Train the scratch CNN or the transfer network on a landmark photo folder.
+
+  python -m train.train --arch transfer --data-dir ../shared/data/indian_monuments49 --out artifacts/transfer
+Writes best.pt / last.pt (resumable with --resume), log.jsonl, metrics.json, curves.png and
+confusion.png to --out. ``python -m train.export --run-dir <out>`` then exports the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from train.data import DataSplits, PhotoDataset, train_augment
+from train.engine import Run, pick_device, seed_everything
+from train.evaluate import write_report
+from train.labels import build_classes
+from train.nets import IMAGENET_LITE_MEAN, IMAGENET_LITE_STD, build
+from train.preprocess import PreprocessConfig
+from train.stages import scratch_stages, transfer_stages
+
+RECIPES = {  # per-arch defaults; every one can be overridden on the command line
+    "scratch": {"epochs": 60, "lr": 2e-3, "batch_size": 64, "weight_decay": 0.05, "patience": 15},
+    "transfer": {"epochs": 8, "lr": 1e-3, "batch_size": 64, "weight_decay": 0.01, "patience": 4,
+                 "input_size": 160},
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=sorted(RECIPES), required=True)
+    p.add_argument("--data-dir", type=Path, required=True, help="folder with train/<class>/ and test/<class>/")
+    p.add_argument("--out", type=Path, required=True, help="output folder of this run")
+    p.add_argument("--input-size", default=None,
+                   help="crop side in px; 'auto' = median photo short side, clamped to 64..224")
+    p.add_argument("--crop-fraction", type=float, default=1.0, help="input_size / resize_size")
+    p.add_argument("--epochs", type=int, help="epochs (transfer: of block fine-tuning)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--patience", type=int, help="early stopping: epochs without a better val loss")
+    p.add_argument("--opt", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = all cores)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    p.add_argument("--min-scale", type=float, default=0.35, help="RandomResizedCrop's smallest area")
+    g = p.add_argument_group("transfer")
+    g.add_argument("--backbone", default="lite0", choices=["lite0", "lite1", "lite2"])
+    g.add_argument("--cut", type=int, default=5, help="block stages below this stay frozen and cached")
+    g.add_argument("--views", type=int, default=4, help="augmented views cached per training photo")
+    g.add_argument("--head-epochs", type=int, default=30)
+    g.add_argument("--head-lr", type=float, default=3e-3)
+    g.add_argument("--head-lr-scale", type=float, default=1.0, help="head LR / block LR while fine-tuning")
+    g = p.add_argument_group("scratch")
+    g.add_argument("--widths", default="64,128,256,384", help="channels per stage")
+    g.add_argument("--depths", default="2,2,2,1", help="residual blocks per stage")
+    g.add_argument("--dropout", type=float, default=0.3)
+    g.add_argument("--mix", type=int, default=1, choices=[0, 1], help="MixUp/CutMix batches (1 = on)")
+    return p
+
+
+def _auto_size(splits: DataSplits) -> int:
+    shorts = [min(Image.open(p).size) for p, _ in splits.train[:: max(1, len(splits.train) // 200)]]
+    return int(min(224, max(64, round(statistics.median(shorts) / 32) * 32)))
+
+
+def _channel_stats(ds: PhotoDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = torch.stack([ds[i][0] for i in range(0, len(ds), max(1, len(ds) // 500))]).float() / 255
+    return tuple(round(v, 4) for v in x.mean((0, 2, 3)).tolist()), tuple(round(v, 4) for v in x.std((0, 2, 3)).tolist())
+
+
+def main(args: argparse.Namespace) -> int:
+    for key, value in RECIPES[args.arch].items():
+        if getattr(args, key.replace("-", "_"), None) is None:
+            setattr(args, key, value)
+    seed_everything(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    try:
+        splits = DataSplits.load(args.data_dir, args.val_fraction, args.seed)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = _auto_size(splits) if args.input_size in (None, "auto") else int(args.input_size)
+    mean, std = IMAGENET_LITE_MEAN, IMAGENET_LITE_STD
+    cfg = PreprocessConfig(size, round(size / args.crop_fraction), mean, std)
+    print(f"{args.data_dir}: {len(splits.classes)} classes, {len(splits.train)} train / {len(splits.val)} val / "
+          f"{len(splits.test)} test, input {cfg.input_size} px (resize {cfg.resize_size}), device {device}")
+    train_ds = PhotoDataset(splits.train, cfg, train_augment(cfg, (args.min_scale, 1.0)), "decode train")
+    val_ds = PhotoDataset(splits.val, cfg, desc="decode val")
+
+    if args.arch == "scratch":
+        mean, std = _channel_stats(val_ds if len(val_ds) else train_ds)
+        cfg = PreprocessConfig(cfg.input_size, cfg.resize_size, mean, std)
+        model_args = {"num_classes": len(splits.classes), "mean": mean, "std": std, "dropout": args.dropout,
+                      "widths": tuple(int(w) for w in args.widths.split(",")),
+                      "depths": tuple(int(d) for d in args.depths.split(","))}
+    else:
+        model_args = {"num_classes": len(splits.classes), "mean": mean, "std": std, "backbone": args.backbone,
+                      "input_size": cfg.input_size}
+    net = build(args.arch, **model_args, **({"pretrained": True} if args.arch == "transfer" else {}))
+    net.to(device)
+    record = {"arch": args.arch, "model_args": model_args, "preprocess": cfg.to_dict(),
+              "classes": build_classes(splits.classes, args.data_dir), "data_fingerprint": splits.fingerprint(),
+              "data_dir": str(args.data_dir), "args": {k: str(v) for k, v in vars(args).items()}}
+
+    run = Run(net, record, args.out, device, args.label_smoothing)
+    if args.resume:
+        run.resume()
+    elif (args.out / "last.pt").exists():
+        print(f"{args.out} holds a previous run: pass --resume to continue it, or use another --out",
+              file=sys.stderr)
+        return 2
+    stages = (scratch_stages(net, train_ds, val_ds, args) if args.arch == "scratch"
+              else transfer_stages(net, train_ds, val_ds, args, device))
+    for stage in stages:
+        run.fit(stage)
+    train_seconds = time.perf_counter() - t0
+
+    test_ds = PhotoDataset(splits.test, cfg, desc="decode test")
+    metrics = write_report(run, test_ds, train_seconds)
+    print(f"test accuracy {metrics['test_accuracy']:.4f}  top-5 {metrics['test_top5']:.4f}  "
+          f"n={metrics['n_test']}  {metrics['seconds']:.0f}s  -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
