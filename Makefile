@@ -18,6 +18,7 @@ MODEL_VERSION ?= 1.0
 BACKEND ?= onnx
 MODEL_STORE ?= model_store
 IMG ?= ../shared/data/udacity_samples/16.Eiffel_Tower/3828627c8730f160.jpg
+DEMO_IMG ?= $(firstword $(wildcard $(DATA_DIR)/test/*/*.jpg))
 # empty TOPK: the server's default k (5, or every class where the model has fewer)
 TOPK ?=
 APP_PORT ?= 8000
@@ -88,8 +89,10 @@ lint: $(STAMP)  ## ruff
 
 demo: $(STAMP)  ## the main job: data (if missing) -> train-transfer -> export -> archive -> serve -> predict
 	[ -d "$(DATA_DIR)/train" ] || $(MAKE) data
-	$(MAKE) train-transfer OUT=$(MODEL_DIR)
-	$(MAKE) archive serve predict
+	[ -f "$(MODEL_DIR)/model_meta.json" ] || $(MAKE) train-transfer OUT=$(MODEL_DIR)  # rm -r it to retrain
+	$(MAKE) archive serve
+	$(MAKE) predict IMG="$(or $(DEMO_IMG),$(IMG))"
+	@echo "TorchServe is running: make app for the web page, make stop to stop it"
 
 clean:  ## remove built archives and server state (keeps .venv, data/ and artifacts/)
 	rm -rf $(MODEL_STORE)/*.mar logs

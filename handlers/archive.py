@@ -21,6 +21,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from train.preprocess import DEFAULT_MAX_PIXELS
 from train.runtime import META_FILE, MODEL_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +29,8 @@ HANDLER = Path(__file__).with_name("landmark_handler.py")
 TRAIN_FILES = ("__init__.py", "preprocess.py", "labels.py", "runtime.py", "predict.py", "locations.json")
 FIXED_TIME = "01/01/2000 00:00:00"  # MANIFEST createdOn, so two builds of the same inputs are identical
 ZIP_TIME = (2000, 1, 1, 0, 0, 0)
+BATCH_SIZE = 4  # requests TorchServe may merge into one network call
+MAX_BATCH_DELAY_MS = 5  # small: at low load a batch never fills, and every request would wait this long
 
 
 def model_config(batch_size: int, max_batch_delay: int, threads: int, max_pixels: int) -> str:
@@ -65,7 +68,8 @@ def zip_dir(src: Path, dst: Path) -> None:
 
 
 def build(model_dir: Path, backend: str, name: str, version: str, store: Path, force: bool = False,
-          batch_size: int = 4, max_batch_delay: int = 20, threads: int = 1, max_pixels: int = 40_000_000) -> Path:
+          batch_size: int = BATCH_SIZE, max_batch_delay: int = MAX_BATCH_DELAY_MS, threads: int = 1,
+          max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
     """Archive ``model_dir``'s exported network; returns the .mar path. Raises FileNotFoundError / FileExistsError."""
     model_dir, store = Path(model_dir), Path(store)
     model_file = model_dir / MODEL_FILES[backend]
@@ -105,10 +109,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="1.0")
     p.add_argument("--store", type=Path, default=ROOT / "model_store")
     p.add_argument("-f", "--force", action="store_true", help="overwrite an existing archive")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-batch-delay", type=int, default=20, help="ms")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--max-batch-delay", type=int, default=MAX_BATCH_DELAY_MS, help="ms")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
-    p.add_argument("--max-pixels", type=int, default=40_000_000)
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     return p
 
 

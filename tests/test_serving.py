@@ -25,7 +25,7 @@ import requests
 from conftest import ROOT, synthetic_photo
 from PIL import Image
 
-from handlers.archive import TRAIN_FILES, build
+from handlers.archive import BATCH_SIZE, MAX_BATCH_DELAY_MS, TRAIN_FILES, build
 from handlers.server import TorchServe, config_ports, free_ports, read_properties
 from train.predict import Predictor
 
@@ -141,7 +141,7 @@ def test_config_is_loopback_with_auth_on() -> None:
 
 def test_server_settings(server: TorchServe) -> None:
     info = server.describe("landmark_onnx")
-    assert (info["batchSize"], info["maxBatchDelay"]) == (4, 20)
+    assert (info["batchSize"], info["maxBatchDelay"]) == (BATCH_SIZE, MAX_BATCH_DELAY_MS)
     assert server.cold_start_s < 60
     metrics = requests.get(f"{server.metrics_url}/metrics", timeout=10)
     assert metrics.status_code == 200 and "# TYPE" in metrics.text

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY_TRAIN_ARGS, run_module
+from tests.conftest import ROOT, TINY_TRAIN_ARGS, run_module
 from train.nets import ScratchCNN, TransferNet, build
 from train.predict import Predictor
 
@@ -56,7 +60,7 @@ def test_export_parity_and_metadata(tiny_model: Path, tiny_data: Path) -> None:
     for backend in ("torchscript", "onnx"):
         assert meta["parity"][backend]["top1_agrees"] and meta["parity"][backend]["max_abs_prob_diff"] <= 1e-4
     assert not (tiny_model / "model.onnx.data").exists()  # one self-contained file
-    photos = sorted((tiny_data / "test").rglob("*.*"))
+    photos = sorted(p for p in (tiny_data / "test").rglob("*") if p.is_file())
     ts, ort = Predictor.from_dir(tiny_model, "torchscript"), Predictor.from_dir(tiny_model, "onnx")
     batch = np.stack([ts.preprocess(p) for p in photos])
     assert len(batch) > 1  # dynamic batch in both exports
@@ -65,19 +69,29 @@ def test_export_parity_and_metadata(tiny_model: Path, tiny_data: Path) -> None:
     assert len(top) == 2 and top[0]["probability"] >= top[1]["probability"]
 
 
-def test_resume_continues_where_the_run_stopped(tiny_data: Path, tmp_path: Path) -> None:
-    args = [*TINY_TRAIN_ARGS, "--data-dir", str(tiny_data), "--out", str(tmp_path)]
-    args[args.index("--epochs") + 1] = "2"
-    first = run_module("train.train", *args)
-    assert first.returncode == 0, first.stderr[-2000:]
+def test_resume_after_a_killed_run(tiny_data: Path, tmp_path: Path) -> None:
+    """SIGKILL mid-training (as a crash would), then --resume: every epoch exactly once."""
+    args = [*TINY_TRAIN_ARGS, "--data-dir", str(tiny_data), "--out", str(tmp_path), "--patience", "1000"]
+    args[args.index("--epochs") + 1] = "60"
+    log = tmp_path / "log.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "train.train", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if log.is_file() and len(log.read_text().splitlines()) >= 2:
+            proc.kill()
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
+    assert not list(tmp_path.glob("*.tmp"))
     again = run_module("train.train", *args)
     assert again.returncode == 2 and "--resume" in again.stderr  # never silently overwrites a run
-    args[args.index("--epochs") + 1] = "4"
     resumed = run_module("train.train", *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
-    history = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
+    assert epochs == list(range(1, 61))
 
 
 def test_cli_errors_are_clear(tmp_path: Path, tiny_model: Path) -> None:
@@ -89,3 +103,18 @@ def test_cli_errors_are_clear(tmp_path: Path, tiny_model: Path) -> None:
     assert bad.returncode == 1 and "not an image" in bad.stderr
     no_export = run_module("train.export", "--run-dir", str(tmp_path))
     assert no_export.returncode != 0 and "best.pt not found" in no_export.stderr
+
+
+def test_transfer_recipe_runs_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
+    """Cached-trunk transfer training (ONNX Runtime trunk, head stage, block fine-tuning) + export."""
+    trained = run_module("train.train", "--arch", "transfer", "--data-dir", str(tiny_data), "--out", str(tmp_path),
+                         "--input-size", "64", "--views", "2", "--head-epochs", "3", "--epochs", "2",
+                         "--threads", "1")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    stages = [json.loads(line)["stage"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert stages.count("head") >= 1 and stages[-1] == "finetune"
+    assert json.loads((tmp_path / "metrics.json").read_text())["test_accuracy"] > 0.5
+    exported = run_module("train.export", "--run-dir", str(tmp_path))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    meta = json.loads((tmp_path / "model_meta.json").read_text())
+    assert meta["model_args"]["input_size"] == 64 and meta["parity"]["onnx"]["top1_agrees"]

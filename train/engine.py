@@ -141,15 +141,21 @@ class Run:
                 atomic_save({**self.record, "net": self.net.state_dict()}, self.out_dir / BEST)
             else:
                 bad_epochs += 1
-            with open(self.out_dir / LOG, "a", encoding="utf-8") as log:
-                log.write(json.dumps(row) + "\n")
+            self._checkpoint(stage, epoch, bad_epochs)
+            self._write_log()
             print(f"[{stage.name}] epoch {epoch + 1:3d}/{stage.epochs}  train loss {tr['loss']:.3f} acc "
                   f"{tr['acc']:.3f}  val loss {va['loss']:.3f} acc {va['acc']:.3f}  {row['seconds']:.1f}s"
                   + ("  *best" if improved else ""), flush=True)
-            self._checkpoint(stage, epoch, bad_epochs)
         self.done.append(stage.name)
         self.load_best()
         self._checkpoint(stage, stage.epochs, bad_epochs)
+
+    def _write_log(self) -> None:
+        """log.jsonl is rewritten from the checkpointed history, so a killed run never leaves a
+        line for an epoch that ``--resume`` will train again."""
+        tmp = self.out_dir / (LOG + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history), encoding="utf-8")
+        os.replace(tmp, self.out_dir / LOG)
 
     def load_best(self) -> None:
         best = torch.load(self.out_dir / BEST, map_location="cpu", weights_only=False)

@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    # TorchScript and the TorchScript-based ONNX exporter are deprecated upstream but are exactly what
+    # TorchServe and ONNX Runtime load here: keep the run's output to what matters.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+    warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
     torch.manual_seed(0)
     net, ckpt = load_checkpoint(args.run_dir)
     cfg = PreprocessConfig.from_dict(ckpt["preprocess"])

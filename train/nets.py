@@ -61,8 +61,8 @@ class ScratchCNN(nn.Module):
         num_classes: int,
         mean: tuple[float, ...],
         std: tuple[float, ...],
-        widths: tuple[int, ...] = (64, 128, 256, 384),
-        depths: tuple[int, ...] = (2, 2, 2, 1),
+        widths: tuple[int, ...] = (32, 64, 128, 256),
+        depths: tuple[int, ...] = (1, 1, 1, 1),
         dropout: float = 0.3,
     ) -> None:
         super().__init__()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,9 @@ class TorchScriptRunner:
             raise RuntimeError("CUDA requested but torch.cuda.is_available() is False")
         self.device = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
         self.providers = [self.device]
-        self.module = torch.jit.load(str(path), map_location=self.device).eval()
+        with warnings.catch_warnings():  # "torch.jit.load is deprecated": still what serves TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            self.module = torch.jit.load(str(path), map_location=self.device).eval()
         self._torch = torch
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

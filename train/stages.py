@@ -10,6 +10,7 @@ minutes instead of hours, and the result is the same network, exported whole.
 from __future__ import annotations
 
 import argparse
+import io
 from collections.abc import Callable
 
 import torch
@@ -27,7 +28,8 @@ from train.optim import make_optimizer, param_groups, warmup_cosine
 def _loader(ds: torch.utils.data.Dataset, batch_size: int, shuffle: bool, seed: int,
             collate_fn: Callable | None = None) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=shuffle,
+    drop_last = shuffle and len(ds) > batch_size  # no ragged last batch for BatchNorm, if there is a choice
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
                       collate_fn=collate_fn)
 
 
@@ -58,6 +60,11 @@ def scratch_stages(net: ScratchCNN, train_ds: PhotoDataset, val_ds: PhotoDataset
                   opt, sched, args.epochs, args.patience)]
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """fp16 cache -> fp32 NHWC: PyTorch's CPU depthwise convolutions are ~1.7x faster in NHWC."""
+    return x.float().contiguous(memory_format=torch.channels_last)
+
+
 class _Tail(nn.Module):
     """The trainable part of the transfer net, fed cached trunk activations."""
 
@@ -66,23 +73,51 @@ class _Tail(nn.Module):
         self.net, self.cut = net, cut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.tail(x.float().contiguous(memory_format=torch.channels_last), self.cut)
+        return self.net.tail(_channels_last(x), self.cut)
+
+
+class _Trunk(nn.Module):
+    def __init__(self, net: TransferNet, cut: int) -> None:
+        super().__init__()
+        self.net, self.cut = net, cut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.trunk(x, self.cut)
+
+
+def _trunk_runner(net: TransferNet, cut: int, input_size: int, device: torch.device) -> Callable:
+    """The frozen trunk as a function of uint8 batches. On CPU it runs in ONNX Runtime, about 1.5x
+    faster than PyTorch on EfficientNet's depthwise convolutions; elsewhere in PyTorch."""
+    trunk = _Trunk(net, cut).eval()
+    if device.type != "cpu":
+        return lambda x: trunk(x.to(device))
+    import onnxruntime as ort
+
+    buf = io.BytesIO()
+    example = torch.zeros(2, 3, input_size, input_size, dtype=torch.uint8)
+    with torch.no_grad():
+        torch.onnx.export(trunk, (example,), buf, input_names=["image"], output_names=["acts"],
+                          dynamic_axes={"image": {0: "batch"}, "acts": {0: "batch"}}, opset_version=17, dynamo=False)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
 
 
 @torch.no_grad()
-def _cache(fn, ds: PhotoDataset, repeats: int, desc: str, device: torch.device) -> TensorDataset:
+def _cache(fn: Callable, ds: PhotoDataset, repeats: int, desc: str) -> TensorDataset:
     """Run ``fn`` over ``repeats`` passes of ``ds`` (new augmentations each pass), kept in fp16."""
     xs, ys = [], []
     for r in range(repeats):
         for x, y in tqdm(DataLoader(ds, batch_size=64), desc=f"{desc} {r + 1}/{repeats}", leave=False):
-            xs.append(fn(x.to(device).contiguous(memory_format=torch.channels_last)).to("cpu", torch.float16))
+            xs.append(fn(x).to("cpu", torch.float16))
             ys.append(y)
     return TensorDataset(torch.cat(xs), torch.cat(ys))
 
 
 def _pool(net: TransferNet, acts: torch.Tensor, cut: int, device: torch.device) -> torch.Tensor:
     b = net.body
-    out = [b.global_pool(b.bn2(b.conv_head(b.blocks[cut:](a.to(device).float())))).cpu()
+    out = [b.global_pool(b.bn2(b.conv_head(b.blocks[cut:](_channels_last(a.to(device)))))).cpu()
            for a in acts.split(256)]
     return torch.cat(out)
 
@@ -94,10 +129,10 @@ def transfer_stages(net: TransferNet, train_ds: PhotoDataset, val_ds: PhotoDatas
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
+    trunk = _trunk_runner(net, cut, train_ds.cfg.input_size, device)
     train_ds.augment = train_augment(train_ds.cfg, scale=(args.min_scale, 1.0))
-    trunk = lambda x: net.trunk(x, cut)  # noqa: E731
-    train_acts = _cache(trunk, train_ds, args.views, "trunk (augmented views)", device)
-    val_acts = _cache(trunk, val_ds, 1, "trunk (val)", device)
+    train_acts = _cache(trunk, train_ds, args.views, "trunk (augmented views)")
+    val_acts = _cache(trunk, val_ds, 1, "trunk (val)")
 
     with torch.no_grad():
         net.eval()

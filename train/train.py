@@ -25,9 +25,10 @@ from train.preprocess import PreprocessConfig
 from train.stages import scratch_stages, transfer_stages
 
 RECIPES = {  # per-arch defaults; every one can be overridden on the command line
-    "scratch": {"epochs": 60, "lr": 2e-3, "batch_size": 64, "weight_decay": 0.05, "patience": 15},
-    "transfer": {"epochs": 8, "lr": 1e-3, "batch_size": 64, "weight_decay": 0.01, "patience": 4,
-                 "input_size": 160},
+    "scratch": {"epochs": 50, "lr": 2e-3, "batch_size": 64, "weight_decay": 0.05, "patience": 10,
+                "min_scale": 0.35},
+    "transfer": {"epochs": 4, "lr": 1e-3, "batch_size": 64, "weight_decay": 0.01, "patience": 4,
+                 "input_size": 224, "min_scale": 0.75},
 }
 
 
@@ -52,19 +53,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = all cores)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
-    p.add_argument("--min-scale", type=float, default=0.35, help="RandomResizedCrop's smallest area")
+    p.add_argument("--min-scale", type=float, help="RandomResizedCrop's smallest area fraction")
     g = p.add_argument_group("transfer")
     g.add_argument("--backbone", default="lite0", choices=["lite0", "lite1", "lite2"])
-    g.add_argument("--cut", type=int, default=5, help="block stages below this stay frozen and cached")
-    g.add_argument("--views", type=int, default=4, help="augmented views cached per training photo")
+    g.add_argument("--cut", type=int, default=6, help="block stages below this stay frozen and cached")
+    g.add_argument("--views", type=int, default=3, help="augmented views cached per training photo")
     g.add_argument("--head-epochs", type=int, default=30)
     g.add_argument("--head-lr", type=float, default=3e-3)
     g.add_argument("--head-lr-scale", type=float, default=1.0, help="head LR / block LR while fine-tuning")
     g = p.add_argument_group("scratch")
-    g.add_argument("--widths", default="64,128,256,384", help="channels per stage")
-    g.add_argument("--depths", default="2,2,2,1", help="residual blocks per stage")
+    g.add_argument("--widths", default="32,64,128,256", help="channels per stage")
+    g.add_argument("--depths", default="1,1,1,1", help="residual blocks per stage")
     g.add_argument("--dropout", type=float, default=0.3)
-    g.add_argument("--mix", type=int, default=1, choices=[0, 1], help="MixUp/CutMix batches (1 = on)")
+    g.add_argument("--mix", type=int, default=0, choices=[0, 1], help="MixUp/CutMix batches (1 = on; needs long runs)")
     return p
 
 
