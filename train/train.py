@@ -56,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-scale", type=float, help="RandomResizedCrop's smallest area fraction")
     g = p.add_argument_group("transfer")
     g.add_argument("--backbone", default="lite0", choices=["lite0", "lite1", "lite2"])
-    g.add_argument("--cut", type=int, default=6, help="block stages below this stay frozen and cached")
+    g.add_argument("--cut", type=int, default=5, help="block stages below this stay frozen and cached")
     g.add_argument("--views", type=int, default=3, help="augmented views cached per training photo")
     g.add_argument("--head-epochs", type=int, default=30)
     g.add_argument("--head-lr", type=float, default=3e-3)
