@@ -16,6 +16,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -41,16 +42,22 @@ def load_checkpoint(run_dir: Path) -> tuple[torch.nn.Module, dict]:
 
 
 def export_torchscript(net: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    with torch.no_grad():
+    # torch.jit is deprecated upstream but is exactly what TorchServe loads: keep the output to what matters
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(net, example)
         torch.jit.save(torch.jit.freeze(traced), str(path))
 
 
-def export_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """One self-contained file (no .onnx.data side file), dynamic batch."""
-    with torch.no_grad():
-        torch.onnx.export(net, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+def export_onnx(net: torch.nn.Module, example: torch.Tensor, target: Path | BinaryIO,
+                output_name: str = OUTPUT_NAME) -> None:
+    """One self-contained file or buffer (no .onnx.data side file), dynamic batch. The TorchScript-based
+    exporter is deprecated upstream, but it writes the single file ONNX Runtime and TorchServe load."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
+        torch.onnx.export(net, (example,), str(target) if isinstance(target, Path) else target,
+                          input_names=[INPUT_NAME], output_names=[output_name],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}},
                           opset_version=ONNX_OPSET, dynamo=False)
 
 
@@ -91,10 +98,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    # TorchScript and the TorchScript-based ONNX exporter are deprecated upstream but are exactly what
-    # TorchServe and ONNX Runtime load here: keep the run's output to what matters.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
-    warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
     torch.manual_seed(0)
     net, ckpt = load_checkpoint(args.run_dir)
     cfg = PreprocessConfig.from_dict(ckpt["preprocess"])

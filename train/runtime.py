@@ -40,7 +40,8 @@ class OnnxRunner:
 
     backend = "onnx"
 
-    def __init__(self, path: Path, device: str = "auto", threads: int = 0) -> None:
+    def __init__(self, model: Path | bytes, device: str = "auto", threads: int = 0) -> None:
+        """``model``: an .onnx file, or a serialized model (e.g. the training trunk, built in memory)."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -51,7 +52,9 @@ class OnnxRunner:
         if cuda and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels torch already installed
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
+                                            providers=providers)
+        self.output_name = self.session.get_outputs()[0].name
         self.providers = self.session.get_providers()
         self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
         if device == "cuda" and self.device != "cuda":
@@ -59,7 +62,7 @@ class OnnxRunner:
             raise RuntimeError(f"CUDA requested but ONNX Runtime runs on {self.providers}{why}")
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        return self.session.run([self.output_name], {INPUT_NAME: batch})[0]
 
 
 class TorchScriptRunner:

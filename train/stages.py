@@ -21,8 +21,10 @@ from tqdm import tqdm
 
 from train.data import PhotoDataset, train_augment
 from train.engine import Stage
+from train.export import export_onnx
 from train.nets import ScratchCNN, TransferNet
 from train.optim import make_optimizer, param_groups, warmup_cosine
+from train.runtime import OnnxRunner
 
 
 def _loader(ds: torch.utils.data.Dataset, batch_size: int, shuffle: bool, seed: int,
@@ -91,17 +93,10 @@ def _trunk_runner(net: TransferNet, cut: int, input_size: int, device: torch.dev
     trunk = _Trunk(net, cut).eval()
     if device.type != "cpu":
         return lambda x: trunk(x.to(device))
-    import onnxruntime as ort
-
     buf = io.BytesIO()
-    example = torch.zeros(2, 3, input_size, input_size, dtype=torch.uint8)
-    with torch.no_grad():
-        torch.onnx.export(trunk, (example,), buf, input_names=["image"], output_names=["acts"],
-                          dynamic_axes={"image": {0: "batch"}, "acts": {0: "batch"}}, opset_version=17, dynamo=False)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
-    return lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+    export_onnx(trunk, torch.zeros(2, 3, input_size, input_size, dtype=torch.uint8), buf, output_name="acts")
+    runner = OnnxRunner(buf.getvalue(), device="cpu", threads=torch.get_num_threads())
+    return lambda x: torch.from_numpy(runner(x.numpy()))
 
 
 @torch.no_grad()
