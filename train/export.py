@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import sys
@@ -16,7 +17,6 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ import torch
 from train.data import find_classes, list_samples
 from train.labels import softmax
 from train.nets import build
+from train.onnx_graph import optimize
 from train.preprocess import PreprocessConfig, load_input
 from train.runtime import INPUT_NAME, META_FILE, MODEL_FILES, OUTPUT_NAME, load_runner
 
@@ -49,16 +50,18 @@ def export_torchscript(net: torch.nn.Module, example: torch.Tensor, path: Path) 
         torch.jit.save(torch.jit.freeze(traced), str(path))
 
 
-def export_onnx(net: torch.nn.Module, example: torch.Tensor, target: Path | BinaryIO,
-                output_name: str = OUTPUT_NAME) -> None:
-    """One self-contained file or buffer (no .onnx.data side file), dynamic batch. The TorchScript-based
-    exporter is deprecated upstream, but it writes the single file ONNX Runtime and TorchServe load."""
+def export_onnx(net: torch.nn.Module, example: torch.Tensor, output_name: str = OUTPUT_NAME) -> bytes:
+    """One self-contained model (no .onnx.data side file), dynamic batch, graph cleaned up by
+    ``onnx_graph.optimize``. The TorchScript-based exporter is deprecated upstream, but it writes
+    the single file ONNX Runtime and TorchServe load."""
+    buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
-        torch.onnx.export(net, (example,), str(target) if isinstance(target, Path) else target,
-                          input_names=[INPUT_NAME], output_names=[output_name],
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")  # optimize() folds those
+        torch.onnx.export(net, (example,), buf, input_names=[INPUT_NAME], output_names=[output_name],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}},
                           opset_version=ONNX_OPSET, dynamo=False)
+    return optimize(buf.getvalue())
 
 
 def parity_images(data_dir: Path, n: int) -> list[Path]:
@@ -110,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(dir=args.run_dir, prefix=".export-") as tmp:
         staged = {backend: Path(tmp) / name for backend, name in MODEL_FILES.items()}
         export_torchscript(net, example, staged["torchscript"])
-        export_onnx(net, example, staged["onnx"])
+        staged["onnx"].write_bytes(export_onnx(net, example))
         parity = check_parity(net, staged, batch, args.atol)
         metrics_path = args.run_dir / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}

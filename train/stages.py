@@ -10,7 +10,6 @@ minutes instead of hours, and the result is the same network, exported whole.
 from __future__ import annotations
 
 import argparse
-import io
 from collections.abc import Callable
 
 import torch
@@ -93,9 +92,8 @@ def _trunk_runner(net: TransferNet, cut: int, input_size: int, device: torch.dev
     trunk = _Trunk(net, cut).eval()
     if device.type != "cpu":
         return lambda x: trunk(x.to(device))
-    buf = io.BytesIO()
-    export_onnx(trunk, torch.zeros(2, 3, input_size, input_size, dtype=torch.uint8), buf, output_name="acts")
-    runner = OnnxRunner(buf.getvalue(), device="cpu", threads=torch.get_num_threads())
+    model = export_onnx(trunk, torch.zeros(2, 3, input_size, input_size, dtype=torch.uint8), output_name="acts")
+    runner = OnnxRunner(model, device="cpu", threads=torch.get_num_threads())
     return lambda x: torch.from_numpy(runner(x.numpy()))
 
 
