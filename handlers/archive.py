@@ -30,7 +30,9 @@ TRAIN_FILES = ("__init__.py", "preprocess.py", "labels.py", "runtime.py", "predi
 FIXED_TIME = "01/01/2000 00:00:00"  # MANIFEST createdOn, so two builds of the same inputs are identical
 ZIP_TIME = (2000, 1, 1, 0, 0, 0)
 BATCH_SIZE = 4  # requests TorchServe may merge into one network call
-MAX_BATCH_DELAY_MS = 5  # small: at low load a batch never fills, and every request would wait this long
+# TorchServe's batcher polls its queue for up to this long per extra item, so requests that are already
+# queued (under load) still fill a batch at once; at low load each request waits the whole delay
+MAX_BATCH_DELAY_MS = 1
 
 
 def model_config(batch_size: int, max_batch_delay: int, threads: int, max_pixels: int) -> str:

@@ -264,7 +264,7 @@ def test_every_bad_input_is_a_json_400(server: TorchServe, model: str, jpeg: byt
 
 
 def test_bad_item_in_a_batch_gets_its_own_400(server: TorchServe, jpeg: bytes) -> None:
-    """Concurrent requests are merged by TorchServe (batchSize 4, maxBatchDelay 20 ms)."""
+    """Concurrent requests are merged by TorchServe (the archive's batchSize and maxBatchDelay)."""
     log = server.workdir / "logs" / "model_log.log"
     bodies = [jpeg, jpeg, b"not a photo at all", jpeg] * 3
     pattern = re.compile(r"landmark batch: (\d+) requests, (\d+) bad")
