@@ -29,7 +29,7 @@ def _ort_basic(model: bytes) -> onnx.ModelProto:
         return onnx.load(opts.optimized_model_filepath)
 
 
-def _fold_pads(model: onnx.ModelProto) -> int:
+def _fold_pads(model: onnx.ModelProto) -> None:
     """Merge each zero ``Pad`` (spatial dims only, constant pads) into the one Conv it feeds."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -66,7 +66,6 @@ def _fold_pads(model: onnx.ModelProto) -> int:
     used = {name for node in graph.node for name in node.input}
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
-    return len(folded)
 
 
 def optimize(model: bytes) -> bytes:
@@ -75,4 +74,3 @@ def optimize(model: bytes) -> bytes:
     _fold_pads(proto)
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
-
