@@ -167,13 +167,15 @@ class TransferNet(nn.Module):
         backbone: str = "lite0",
         input_size: int = 224,
         dropout: float = 0.2,
+        drop_path: float = 0.0,
         pretrained: bool = False,
     ) -> None:
         super().__init__()
         import timm
 
         self.normalize = Normalize(mean, std)
-        self.body = timm.create_model(f"tf_efficientnet_{backbone}", pretrained=False)
+        # drop_path: stochastic depth, rising linearly to this rate over the blocks (training only)
+        self.body = timm.create_model(f"tf_efficientnet_{backbone}", pretrained=False, drop_path_rate=drop_path)
         _freeze_same_padding(self.body, input_size)
         if pretrained:
             weights = _rename(_lite_state_dict(backbone), [len(s) for s in self.body.blocks])

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from train.data import PhotoDataset, train_augment
+from train.data import PhotoDataset
 from train.engine import Stage
 from train.export import export_onnx
 from train.nets import ScratchCNN, TransferNet
@@ -134,7 +134,6 @@ def transfer_stages(net: TransferNet, train_ds: PhotoDataset, val_ds: PhotoDatas
     for p in net.parameters():
         p.requires_grad_(False)
     trunk = _trunk_runner(net, cut, train_ds.cfg.input_size, device)
-    train_ds.augment = train_augment(train_ds.cfg, scale=(args.min_scale, 1.0))
     train_acts = _cache(trunk, train_ds, args.views, "trunk (augmented views)")
     val_acts = _cache(trunk, val_ds, 1, "trunk (val)")
 

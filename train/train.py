@@ -58,6 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--backbone", default="lite0", choices=["lite0", "lite1", "lite2"])
     g.add_argument("--cut", type=int, default=5, help="block stages below this stay frozen and cached")
     g.add_argument("--views", type=int, default=3, help="augmented views cached per training photo")
+    g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the last block")
     g.add_argument("--head-epochs", type=int, default=30)
     g.add_argument("--head-lr", type=float, default=3e-3)
     g.add_argument("--head-lr-scale", type=float, default=1.0, help="head LR / block LR while fine-tuning")
@@ -111,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
                       "depths": tuple(int(d) for d in args.depths.split(","))}
     else:
         model_args = {"num_classes": len(splits.classes), "mean": mean, "std": std, "backbone": args.backbone,
-                      "input_size": cfg.input_size}
+                      "input_size": cfg.input_size, "drop_path": args.drop_path}
     net = build(args.arch, **model_args, **({"pretrained": True} if args.arch == "transfer" else {}))
     net.to(device)
     record = {"arch": args.arch, "model_args": model_args, "preprocess": cfg.to_dict(),
