@@ -35,6 +35,9 @@ def test_transfer_net_loads_imagenet_weights_strictly_and_splits_exactly() -> No
         logits = net(x)
         assert logits.shape == (2, 13)
         torch.testing.assert_close(net.tail(net.trunk(x, 5), 5), logits)
+        dropped = TransferNet(13, drop_path=0.2).eval()
+        dropped.load_state_dict(net.state_dict())
+        torch.testing.assert_close(dropped(x), logits)  # stochastic depth acts in training only
     rebuilt = build("transfer", num_classes=13)
     rebuilt.load_state_dict(net.state_dict())  # export rebuilds from (arch, kwargs) without the weight wheel
 
