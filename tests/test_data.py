@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.conftest import TINY_CLASSES, synthetic_photo
-from train.data import DataSplits, PhotoDataset, find_classes, stratified_split
+from train.data import DataSplits, PhotoDataset, find_classes, stratified_split, train_augment
 from train.labels import build_classes, display_name
 from train.preprocess import ImageError, PreprocessConfig, decode, load_input
 
@@ -104,3 +105,23 @@ def test_corrupt_training_photo_names_the_file(tmp_path: Path, tiny_data: Path) 
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(ImageError, match=r"bad\.jpg"):
         PhotoDataset([(bad, 0)], CFG)
+
+
+def test_translate_augmentation_moves_objects_without_resizing_them() -> None:
+    """--translate shifts the view but keeps an object's size; the random-resized crop zooms."""
+    cfg = PreprocessConfig(32, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    canvas = np.zeros((32, 32, 3), np.uint8)
+    canvas[12:20, 12:20] = 255  # an 8x8 square; shifts of up to 8 px keep it inside the view
+    photo = Image.fromarray(canvas)
+
+    def square(view: Image.Image) -> tuple[int, int, int]:
+        gray = np.asarray(view, dtype=np.float32).mean(2)
+        ys, xs = np.nonzero(gray > (gray.max() + gray.min()) / 2)
+        return len(ys), int(ys.min()), int(xs.min())
+
+    torch.manual_seed(0)
+    shifted = [square(train_augment(cfg, translate=0.25)(photo)) for _ in range(30)]
+    assert {area for area, _, _ in shifted} == {64}
+    assert len({(y, x) for _, y, x in shifted}) > 5
+    zoomed = [square(train_augment(cfg, scale=(0.5, 1.0))(photo))[0] for _ in range(30)]
+    assert max(zoomed) > 64

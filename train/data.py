@@ -121,10 +121,19 @@ class PhotoDataset(torch.utils.data.Dataset):
         return torch.from_numpy(x), self.labels[i]
 
 
-def train_augment(cfg: PreprocessConfig, scale: tuple[float, float] = (0.35, 1.0)) -> v2.Transform:
-    """Random crop/flip/colour on the cached PIL image; the network sees the same size as at eval."""
+def train_augment(cfg: PreprocessConfig, scale: tuple[float, float] = (0.35, 1.0),
+                  translate: float = 0.0) -> v2.Transform:
+    """Random crop/flip/colour on the cached PIL image; the network sees the same size as at eval.
+
+    ``translate`` > 0 replaces the random-resized crop (``scale``) by a shift of up to that fraction
+    of the side, reflect-padded, so objects keep the size they have at eval. Zooming in on photos
+    that are already tight crops (indian_monuments49's 64 px) teaches a scale the test never shows.
+    """
+    pad = round(translate * cfg.input_size)
+    crop = (v2.RandomCrop(cfg.input_size, padding=pad, pad_if_needed=True, padding_mode="reflect") if pad
+            else v2.RandomResizedCrop(cfg.input_size, scale=scale, antialias=True))
     return v2.Compose([
-        v2.RandomResizedCrop(cfg.input_size, scale=scale, antialias=True),
+        crop,
         v2.RandomHorizontalFlip(),
         v2.ColorJitter(0.3, 0.3, 0.3, 0.03),
     ])
