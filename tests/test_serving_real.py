@@ -1,5 +1,6 @@
-"""Opt-in: a real trained model served over HTTP answers every world_heritage13 test photo with the
-same top-1 as the offline predictor, for the TorchScript and the ONNX archive.
+"""Opt-in: a real trained model served over HTTP answers every test photo of a real data set
+(LANDMARK_DATA_SET, default world_heritage13) with the same top-1 as the offline predictor, for
+the TorchScript and the ONNX archive.
 
 Run: LANDMARK_MODEL_DIR=artifacts/transfer .venv/bin/python -m pytest tests/test_serving_real.py -s
 (skipped without LANDMARK_MODEL_DIR or without ../shared/data)."""
@@ -18,14 +19,15 @@ from handlers.server import TorchServe
 from train.predict import Predictor
 
 MODEL_DIR = os.environ.get("LANDMARK_MODEL_DIR")
+DATA_SET = os.environ.get("LANDMARK_DATA_SET", "world_heritage13")
 BACKENDS = {"landmark_onnx": "onnx", "landmark_ts": "torchscript"}
 
 pytestmark = pytest.mark.skipif(not MODEL_DIR, reason="set LANDMARK_MODEL_DIR to an exported model folder")
 
 
-def test_served_top1_equals_offline_on_world_heritage13(shared_data: Path, tmp_path: Path) -> None:
-    photos = sorted(p for p in (shared_data / "world_heritage13" / "test").rglob("*") if p.is_file())
-    assert photos, "no world_heritage13 test photos"
+def test_served_top1_equals_offline_on_real_test_photos(shared_data: Path, tmp_path: Path) -> None:
+    photos = sorted(p for p in (shared_data / DATA_SET / "test").rglob("*") if p.is_file())
+    assert photos, f"no {DATA_SET} test photos"
     model_dir = Path(MODEL_DIR)
     for name, backend in BACKENDS.items():
         build(model_dir, backend, name, "1.0", tmp_path / "store")
