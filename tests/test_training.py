@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,6 +122,16 @@ def test_cli_errors_are_clear(tmp_path: Path, tiny_model: Path) -> None:
     assert bad.returncode == 1 and "not an image" in bad.stderr
     no_export = run_module("train.export", "--run-dir", str(tmp_path))
     assert no_export.returncode != 0 and "best.pt not found" in no_export.stderr
+
+
+def test_unreadable_photo_stops_training_before_it_starts(tiny_data: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    first_class = sorted((data / "test").iterdir())[0]
+    (first_class / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    run = run_module("train.train", "--arch", "scratch", "--data-dir", str(data), "--out", str(tmp_path / "o"))
+    assert run.returncode == 2 and "broken.jpg" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "o" / "last.pt").exists()
 
 
 def test_transfer_recipe_runs_end_to_end(tiny_data: Path, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from train.engine import Run, pick_device, seed_everything
 from train.evaluate import write_report
 from train.labels import build_classes
 from train.nets import IMAGENET_LITE_MEAN, IMAGENET_LITE_STD, build
-from train.preprocess import PreprocessConfig
+from train.preprocess import ImageError, PreprocessConfig
 from train.stages import scratch_stages, transfer_stages
 
 RECIPES = {  # per-arch defaults; every one can be overridden on the command line
@@ -86,7 +86,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _median_short_side(splits: DataSplits) -> float:
-    return statistics.median(min(Image.open(p).size) for p, _ in splits.train[:: max(1, len(splits.train) // 200)])
+    """Over ~200 training photos, headers only; an unreadable one is left to PhotoDataset's clear error."""
+    shorts = []
+    for path, _ in splits.train[:: max(1, len(splits.train) // 200)]:
+        try:
+            with Image.open(path) as img:
+                shorts.append(min(img.size))
+        except OSError:
+            continue
+    return statistics.median(shorts) if shorts else 0.0
 
 
 def _channel_stats(ds: PhotoDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -121,8 +129,13 @@ def main(args: argparse.Namespace) -> int:
           f"{len(splits.test)} test, input {cfg.input_size} px (resize {cfg.resize_size}), crops {crops}, "
           f"device {device}")
     augment = train_augment(cfg, (args.min_scale, 1.0), args.translate)
-    train_ds = PhotoDataset(splits.train, cfg, augment, "decode train")
-    val_ds = PhotoDataset(splits.val, cfg, desc="decode val")
+    try:  # every photo is decoded before training, so an unreadable one fails in seconds, not after it
+        train_ds = PhotoDataset(splits.train, cfg, augment, "decode train")
+        val_ds = PhotoDataset(splits.val, cfg, desc="decode val")
+        test_ds = PhotoDataset(splits.test, cfg, desc="decode test")
+    except ImageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     if args.arch == "scratch":
         mean, std = _channel_stats(val_ds if len(val_ds) else train_ds)
@@ -152,7 +165,6 @@ def main(args: argparse.Namespace) -> int:
         run.fit(stage)
     train_seconds = time.perf_counter() - t0
 
-    test_ds = PhotoDataset(splits.test, cfg, desc="decode test")
     metrics = write_report(run, test_ds, train_seconds)
     print(f"test accuracy {metrics['test_accuracy']:.4f}  top-5 {metrics['test_top5']:.4f}  "
           f"n={metrics['n_test']}  {metrics['seconds']:.0f}s  -> {args.out}")
