@@ -116,7 +116,12 @@ def test_resume_after_a_killed_run(tiny_data: Path, tmp_path: Path) -> None:
 def test_cli_errors_are_clear(tmp_path: Path, tiny_model: Path) -> None:
     missing = run_module("train.train", "--arch", "scratch", "--data-dir", str(tmp_path / "nope"),
                          "--out", str(tmp_path / "o"))
-    assert missing.returncode != 0 and "train/<class>" in missing.stderr
+    assert missing.returncode != 0 and "train/<class>" in missing.stderr and not (tmp_path / "o").exists()
+    for arch, flag, value in (("transfer", "--cut", "9"), ("transfer", "--views", "0"),
+                              ("scratch", "--batch-size", "0"), ("scratch", "--epochs", "0")):
+        wrong = run_module("train.train", "--arch", arch, "--data-dir", str(tmp_path), "--out",
+                           str(tmp_path / "o"), flag, value)
+        assert wrong.returncode == 2 and flag in wrong.stderr and not (tmp_path / "o").exists()
     (tmp_path / "note.txt").write_text("not a photo")
     bad = run_module("train.predict", "--model-dir", str(tiny_model), str(tmp_path / "note.txt"))
     assert bad.returncode == 1 and "not an image" in bad.stderr

@@ -44,6 +44,12 @@ def _auto_or_fraction(value: str) -> str | float:
     return fraction
 
 
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return int(value)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=sorted(RECIPES), required=True)
@@ -52,11 +58,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", default=None,
                    help="crop side in px; 'auto' = median photo short side, clamped to 64..224")
     p.add_argument("--crop-fraction", type=float, default=1.0, help="input_size / resize_size")
-    p.add_argument("--epochs", type=int, help="epochs (transfer: of block fine-tuning)")
+    p.add_argument("--epochs", type=int, help="epochs (transfer: of block fine-tuning; 0 = linear head only)")
     p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--patience", type=int, help="early stopping: epochs without a better val loss")
+    p.add_argument("--patience", type=_positive_int, help="early stopping: epochs without a better val loss")
     p.add_argument("--opt", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--label-smoothing", type=float, default=0.1)
@@ -71,10 +77,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "'auto' = 0.125 when the photos are no bigger than the input (thumbnails), else 0")
     g = p.add_argument_group("transfer")
     g.add_argument("--backbone", default="lite0", choices=["lite0", "lite1", "lite2"])
-    g.add_argument("--cut", type=int, default=5, help="block stages below this stay frozen and cached")
-    g.add_argument("--views", type=int, default=3, help="augmented views cached per training photo")
+    g.add_argument("--cut", type=int, default=5, choices=range(8), metavar="{0..7}",
+                   help="block stages below this stay frozen and cached (every Lite backbone has 7)")
+    g.add_argument("--views", type=_positive_int, default=3, help="augmented views cached per training photo")
     g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the last block")
-    g.add_argument("--head-epochs", type=int, default=30)
+    g.add_argument("--head-epochs", type=_positive_int, default=30)
     g.add_argument("--head-lr", type=float, default=3e-3)
     g.add_argument("--head-lr-scale", type=float, default=1.0, help="head LR / block LR while fine-tuning")
     g = p.add_argument_group("scratch")
@@ -106,11 +113,14 @@ def main(args: argparse.Namespace) -> int:
     for key, value in RECIPES[args.arch].items():
         if getattr(args, key.replace("-", "_"), None) is None:
             setattr(args, key, value)
+    if args.epochs < (0 if args.arch == "transfer" else 1):
+        print(f"error: --epochs {args.epochs}: {args.arch} needs at least {int(args.arch != 'transfer')}",
+              file=sys.stderr)
+        return 2
     seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
     try:
@@ -152,6 +162,7 @@ def main(args: argparse.Namespace) -> int:
               "classes": build_classes(splits.classes, args.data_dir), "data_fingerprint": splits.fingerprint(),
               "data_dir": str(args.data_dir), "args": {k: str(v) for k, v in vars(args).items()}}
 
+    args.out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails its checks leaves nothing
     run = Run(net, record, args.out, device, args.label_smoothing)
     if args.resume:
         run.resume()
