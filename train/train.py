@@ -27,7 +27,7 @@ from train.stages import scratch_stages, transfer_stages
 RECIPES = {  # per-arch defaults; every one can be overridden on the command line
     "scratch": {"epochs": 60, "lr": 2e-3, "batch_size": 32, "weight_decay": 0.2, "patience": 10,
                 "min_scale": 0.8},
-    "transfer": {"epochs": 4, "lr": 1e-3, "batch_size": 64, "weight_decay": 0.01, "patience": 4,
+    "transfer": {"epochs": 4, "lr": 2e-3, "batch_size": 64, "weight_decay": 0.01, "patience": 4,
                  "input_size": 224, "min_scale": 0.75},
 }
 
