@@ -113,9 +113,9 @@ def main(args: argparse.Namespace) -> int:
     for key, value in RECIPES[args.arch].items():
         if getattr(args, key.replace("-", "_"), None) is None:
             setattr(args, key, value)
-    if args.epochs < (0 if args.arch == "transfer" else 1):
-        print(f"error: --epochs {args.epochs}: {args.arch} needs at least {int(args.arch != 'transfer')}",
-              file=sys.stderr)
+    least_epochs = 0 if args.arch == "transfer" else 1  # transfer with 0: the linear head only
+    if args.epochs < least_epochs:
+        print(f"error: --epochs {args.epochs}: {args.arch} needs at least {least_epochs}", file=sys.stderr)
         return 2
     seed_everything(args.seed)
     if args.threads:
