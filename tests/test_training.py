@@ -127,6 +127,9 @@ def test_cli_errors_are_clear(tmp_path: Path, tiny_model: Path) -> None:
     assert bad.returncode == 1 and "not an image" in bad.stderr
     no_export = run_module("train.export", "--run-dir", str(tmp_path))
     assert no_export.returncode != 0 and "best.pt not found" in no_export.stderr
+    before = sorted(tiny_model.iterdir())
+    zero = run_module("train.export", "--run-dir", str(tiny_model), "--parity-images", "0")
+    assert zero.returncode == 2 and "--parity-images" in zero.stderr and sorted(tiny_model.iterdir()) == before
 
 
 def test_unreadable_photo_stops_training_before_it_starts(tiny_data: Path, tmp_path: Path) -> None:

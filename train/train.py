@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from train.cli import positive_int
 from train.data import DataSplits, PhotoDataset, train_augment
 from train.engine import Run, pick_device, seed_everything
 from train.evaluate import write_report
@@ -44,12 +45,6 @@ def _auto_or_fraction(value: str) -> str | float:
     return fraction
 
 
-def _positive_int(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return int(value)
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=sorted(RECIPES), required=True)
@@ -60,9 +55,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-fraction", type=float, default=1.0, help="input_size / resize_size")
     p.add_argument("--epochs", type=int, help="epochs (transfer: of block fine-tuning; 0 = linear head only)")
     p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--patience", type=_positive_int, help="early stopping: epochs without a better val loss")
+    p.add_argument("--patience", type=positive_int, help="early stopping: epochs without a better val loss")
     p.add_argument("--opt", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--label-smoothing", type=float, default=0.1)
@@ -79,9 +74,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--backbone", default="lite0", choices=["lite0", "lite1", "lite2"])
     g.add_argument("--cut", type=int, default=5, choices=range(8), metavar="{0..7}",
                    help="block stages below this stay frozen and cached (every Lite backbone has 7)")
-    g.add_argument("--views", type=_positive_int, default=3, help="augmented views cached per training photo")
+    g.add_argument("--views", type=positive_int, default=3, help="augmented views cached per training photo")
     g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the last block")
-    g.add_argument("--head-epochs", type=_positive_int, default=30)
+    g.add_argument("--head-epochs", type=positive_int, default=30)
     g.add_argument("--head-lr", type=float, default=3e-3)
     g.add_argument("--head-lr-scale", type=float, default=1.0, help="head LR / block LR while fine-tuning")
     g = p.add_argument_group("scratch")
