@@ -36,6 +36,7 @@ from app.client import (
     unreachable,
 )
 from app.exif import SUPPORTED_FORMATS, has_gps, with_gps
+from train.cli import non_negative_int, positive_float
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp"}
 REPORT_JSON, REPORT_CSV = "tag_report.json", "tag_report.csv"
@@ -190,13 +191,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", type=Path, metavar="MODEL_DIR", help="use this exported model folder, not TorchServe")
     p.add_argument("--backend", choices=["onnx", "torchscript"], default="onnx", help="with --local")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="with --local")
-    p.add_argument("--threads", type=int, default=0, help="with --local: intra-op threads (0 = runtime default)")
+    p.add_argument("--threads", type=non_negative_int, default=0,
+                   help="with --local: intra-op threads (0 = runtime default)")
     p.add_argument("--inference-url", default=None,
                    help="TorchServe inference API base URL (default: TORCHSERVE_URL, else the `make serve` server)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="registered model name")
     p.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE,
                    help="TorchServe's key_file.json (or set TORCHSERVE_TOKEN)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    p.add_argument("--timeout", type=positive_float, default=60.0, help="seconds per request")
     return p
 
 

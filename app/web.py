@@ -27,6 +27,7 @@ from app.client import (
     parse_predictions,
     unreachable,
 )
+from train.cli import port, positive_float, positive_int
 
 STATIC = Path(__file__).with_name("static")
 DEFAULT_MAX_UPLOAD = 10 * 1024 * 1024
@@ -125,14 +126,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m app.web",
                                 description="Web page for tagging photos with the served landmark model.")
     p.add_argument("--host", default="127.0.0.1", help="bind address (keep it loopback)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000)
     p.add_argument("--inference-url", default=None,
                    help="TorchServe inference API base URL (default: TORCHSERVE_URL, else the `make serve` server)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="registered model name")
     p.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE,
                    help="TorchServe's key_file.json (or set TORCHSERVE_TOKEN)")
-    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD / 1024 / 1024)
-    p.add_argument("--topk", type=int, default=None, help="landmarks per photo (default: the server's, 5)")
+    p.add_argument("--max-upload-mb", type=positive_float, default=DEFAULT_MAX_UPLOAD / 1024 / 1024)
+    p.add_argument("--topk", type=positive_int, default=None, help="landmarks per photo (default: the server's, 5)")
     return p
 
 

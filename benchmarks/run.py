@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from benchmarks.machine import default_threads, pin_threads
+from train.cli import non_negative_int, positive_float, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = (ROOT / "artifacts" / "scratch", ROOT / "artifacts" / "transfer")
@@ -40,16 +41,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dirs", nargs="+", type=Path, default=list(DEFAULT_MODELS),
                    help="exported model folders (a missing one is reported and skipped)")
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
-    p.add_argument("--threads", type=int, default=default_threads(),
+    p.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[1, 8, 32])
+    p.add_argument("--threads", type=positive_int, default=default_threads(),
                    help="intra-op threads for torch and ONNX Runtime alike (default: physical cores)")
-    p.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per cell (hard cap 2x)")
-    p.add_argument("--min-iters", type=int, default=30)
-    p.add_argument("--max-iters", type=int, default=1000)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--budget", type=positive_float, default=2.0, help="seconds of timed calls per cell (hard cap 2x)")
+    p.add_argument("--min-iters", type=positive_int, default=30)
+    p.add_argument("--max-iters", type=positive_int, default=1000)
+    p.add_argument("--warmup", type=non_negative_int, default=5)
     p.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="photo folder for the inputs")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--peak-size", type=int, default=1024, help="matmul side for the peak GFLOP/s")
+    p.add_argument("--peak-size", type=positive_int, default=1024, help="matmul side for the peak GFLOP/s")
     g = p.add_argument_group("served endpoint")
     g.add_argument("--no-serve", action="store_true", help="skip the TorchServe benchmark")
     g.add_argument("--serve-model-dir", type=Path, help="model to archive and serve (default: the last model dir)")
@@ -57,10 +58,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--url", help="benchmark a running server at this predictions URL instead of starting one")
     g.add_argument("--token-file", type=Path, help="key_file.json or a file with the inference key (with --url)")
     g.add_argument("--photo", type=Path, help="JPEG to send (default: an 800 px shared sample photo)")
-    g.add_argument("--max-batch-delay", type=int, help="ms; default: what make archive uses")
-    g.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
-    g.add_argument("--serve-requests", type=int, default=300, help="most requests per concurrency level")
-    g.add_argument("--serve-budget", type=float, default=10.0, help="most seconds per concurrency level")
+    g.add_argument("--max-batch-delay", type=non_negative_int, help="ms; default: what make archive uses")
+    g.add_argument("--concurrency", nargs="+", type=positive_int, default=[1, 4, 16])
+    g.add_argument("--serve-requests", type=positive_int, default=300, help="most requests per concurrency level")
+    g.add_argument("--serve-budget", type=positive_float, default=10.0, help="most seconds per concurrency level")
     return p
 
 

@@ -21,6 +21,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from train.cli import non_negative_int, positive_int
 from train.preprocess import DEFAULT_MAX_PIXELS
 from train.runtime import META_FILE, MODEL_FILES
 
@@ -111,10 +112,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="1.0")
     p.add_argument("--store", type=Path, default=ROOT / "model_store")
     p.add_argument("-f", "--force", action="store_true", help="overwrite an existing archive")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--max-batch-delay", type=int, default=MAX_BATCH_DELAY_MS, help="ms")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE)
+    p.add_argument("--max-batch-delay", type=non_negative_int, default=MAX_BATCH_DELAY_MS, help="ms")
+    p.add_argument("--threads", type=positive_int, default=1, help="intra-op threads per worker")
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS)
     return p
 
 

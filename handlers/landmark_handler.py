@@ -35,8 +35,13 @@ _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,")
 
 
 def _setting(name: str, handler_cfg: dict, default: int) -> int:
-    """An integer setting: env LANDMARK_<NAME> beats the archive's model-config.yaml ``handler:`` section."""
-    value = os.environ.get(f"LANDMARK_{name.upper()}", handler_cfg.get(name, default))
+    """A positive integer setting: env LANDMARK_<NAME> beats the archive's model-config.yaml ``handler:``
+    section. A bad one stops the load with a message naming it (in model_log.log), not a bare int() error."""
+    env = f"LANDMARK_{name.upper()}"
+    value = os.environ.get(env, handler_cfg.get(name, default))
+    if not str(value).strip().isdigit() or int(value) < 1:
+        raise ValueError(f"handler setting {name} (env {env} or model-config.yaml) must be a positive integer, "
+                         f"got {value!r}")
     return int(value)
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 import psutil
 import requests
 
+from train.cli import positive_float, positive_int
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "serve_config" / "config.properties"
 DEFAULT_WORKDIR = ROOT / "logs" / "torchserve"  # logs/ is git-ignored; make clean removes it
@@ -269,10 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--store", type=Path, default=ROOT / "model_store")
     s.add_argument("--name", default="landmark", help="model name(s), comma-separated: <store>/<name>.mar")
     s.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    s.add_argument("--timeout", type=float, default=120)
+    s.add_argument("--timeout", type=positive_float, default=120)
     q = sub.add_parser("predict", help="top-k landmarks for photos from the running server")
     q.add_argument("images", nargs="+", type=Path)
-    q.add_argument("--topk", type=int, help="1..number of classes (default: the server's 5, or all if fewer)")
+    q.add_argument("--topk", type=positive_int, help="1..number of classes (default: the server's 5, or all if fewer)")
     sub.add_parser("stop", help="stop the server started by `start`")
     args = p.parse_args(argv)
 

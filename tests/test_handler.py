@@ -84,6 +84,10 @@ def test_handler_settings_from_env(unpacked: tuple[Path, str], monkeypatch: pyte
     Image.new("RGB", (40, 30)).save(buf, "PNG")
     out = run_batch(handler, context, [{"body": bytearray(buf.getvalue())}], [{}])
     assert context.get_response_status(0)[0] == 400 and "too large" in json.loads(out[0])["error"]
+    for bad in ("0", "-2", "four"):
+        monkeypatch.setenv("LANDMARK_THREADS", bad)
+        with pytest.raises(ValueError, match=f"LANDMARK_THREADS.*positive integer, got '{bad}'"):
+            load_handler(unpacked[0])
 
 
 def test_topk_parsing() -> None:

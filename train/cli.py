@@ -1,12 +1,39 @@
 """Argument types shared by the package's command lines, so a bad value is a usage error
-(exit 2, one line) in every one of them instead of a traceback or a silent remap."""
+(exit 2, one line) in every one of them instead of a traceback, a silent remap, or an
+artefact that only fails later (an archive whose worker cannot start)."""
 
 from __future__ import annotations
 
 import argparse
+import math
+
+
+def _int(value: str, least: int, what: str) -> int:
+    if not value.isdigit() or int(value) < least:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+    return int(value)
 
 
 def positive_int(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return int(value)
+    return _int(value, 1, "a positive integer")
+
+
+def non_negative_int(value: str) -> int:
+    return _int(value, 0, "an integer >= 0")
+
+
+def port(value: str) -> int:
+    number = _int(value, 1, "a TCP port 1..65535")
+    if number > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 1..65535, got {value!r}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return number

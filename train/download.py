@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from train.cli import positive_float
+
 UDACITY_URL = "https://udacity-dlnfd.s3-us-west-1.amazonaws.com/datasets/landmark_images.zip"
 
 
@@ -63,7 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=UDACITY_URL, help="http(s):// or file:// URL of the zip")
     p.add_argument("--dest", type=Path, default=Path("data/landmark_images"))
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server")
+    p.add_argument("--timeout", type=positive_float, default=60.0, help="seconds to wait for the server")
     return p
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.cli import positive_int
+from train.cli import positive_float, positive_int
 from train.data import find_classes, list_samples
 from train.labels import softmax
 from train.nets import build
@@ -96,7 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, required=True, help="output folder of python -m train.train")
     p.add_argument("--data-dir", type=Path, help="photos for the parity check (default: the training data)")
     p.add_argument("--parity-images", type=positive_int, default=32)
-    p.add_argument("--atol", type=float, default=1e-4, help="largest allowed probability difference")
+    p.add_argument("--atol", type=positive_float, default=1e-4, help="largest allowed probability difference")
     p.add_argument("--model-version", default="1.0")
     return p
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from train.cli import positive_int
+from train.cli import non_negative_int, positive_int
 from train.data import DataSplits, PhotoDataset, train_augment
 from train.engine import Run, pick_device, seed_everything
 from train.evaluate import write_report
@@ -64,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = all cores)")
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch intra-op threads (0 = all cores)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     p.add_argument("--min-scale", type=float, help="RandomResizedCrop's smallest area fraction")
     p.add_argument("--translate", default="auto", type=_auto_or_fraction,
