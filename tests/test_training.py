@@ -155,3 +155,20 @@ def test_transfer_recipe_runs_end_to_end(tiny_data: Path, tmp_path: Path) -> Non
     assert exported.returncode == 0, exported.stderr[-3000:]
     meta = json.loads((tmp_path / "model_meta.json").read_text())
     assert meta["model_args"]["input_size"] == 64 and meta["parity"]["onnx"]["top1_agrees"]
+
+
+def test_streamed_fine_tuning_trains_all_but_the_frozen_stem(tiny_data: Path, tmp_path: Path) -> None:
+    """--stream --cut 0 (the GPU recipe): fresh augmentations per batch through the whole net; the stem,
+    below the cut, keeps its ImageNet weights and BatchNorm statistics, every block above it learns."""
+    trained = run_module("train.train", "--arch", "transfer", "--data-dir", str(tiny_data), "--out", str(tmp_path),
+                         "--input-size", "64", "--views", "1", "--head-epochs", "2", "--epochs", "2", "--stream",
+                         "--cut", "0", "--threads", "1")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert [json.loads(line)["stage"] for line in (tmp_path / "log.jsonl").read_text().splitlines()][-1] == "finetune"
+    tuned = torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=False)["net"]
+    start = TransferNet(3, input_size=64, pretrained=True).state_dict()
+    for name in ("body.conv_stem.weight", "body.bn1.weight", "body.bn1.running_mean", "body.bn1.running_var"):
+        assert torch.equal(tuned[name], start[name]), name
+    for name in ("body.blocks.0.0.conv_dw.weight", "body.blocks.6.0.conv_pwl.weight", "body.conv_head.weight"):
+        assert not torch.equal(tuned[name], start[name]), name
+    assert json.loads((tmp_path / "metrics.json").read_text())["test_accuracy"] > 0.5

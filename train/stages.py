@@ -4,7 +4,9 @@ scratch: end to end on augmented photos.
 transfer: the frozen trunk (stem + block stages below ``cut``) runs once over a few augmented
 views of every photo and its activations are cached; then (1) a linear head is fitted on pooled
 features and (2) the stages above ``cut`` are fine-tuned with the head. On a 2-core CPU this is
-minutes instead of hours, and the result is the same network, exported whole.
+minutes instead of hours, and the result is the same network, exported whole. With ``stream``
+the fine-tuning instead sees freshly augmented photos every epoch, the frozen trunk recomputed
+per batch (``--cut 0``: all but the stem, i.e. end to end): the recipe for a GPU.
 """
 
 from __future__ import annotations
@@ -88,6 +90,27 @@ class _Tail(nn.Module):
         return self.net.tail(_channels_last(x), self.cut)
 
 
+class _Streamed(nn.Module):
+    """Photos through the frozen trunk (eval mode, no gradients, as when it is cached) and then the
+    trainable tail: fine-tuning on fresh augmentations instead of a few cached views."""
+
+    def __init__(self, net: TransferNet, cut: int) -> None:
+        super().__init__()
+        self.net, self.cut = net, cut
+        b = net.body
+        self.frozen = nn.ModuleList([net.normalize, b.conv_stem, b.bn1, b.blocks[:cut]])
+
+    def train(self, mode: bool = True) -> _Streamed:
+        super().train(mode)
+        self.frozen.eval()  # frozen BatchNorms keep their ImageNet statistics
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            acts = self.net.trunk(_channels_last(x), self.cut)
+        return self.net.tail(acts, self.cut)
+
+
 class _Trunk(nn.Module):
     def __init__(self, net: TransferNet, cut: int) -> None:
         super().__init__()
@@ -129,18 +152,20 @@ def _pool(net: TransferNet, acts: torch.Tensor, cut: int, device: torch.device) 
 def transfer_stages(net: TransferNet, train_ds: PhotoDataset, val_ds: PhotoDataset, args: argparse.Namespace,
                     device: torch.device) -> list[Stage]:
     cut = args.cut
+    # streamed fine-tuning caches nothing but the head's features: the whole backbone's output
+    cache_cut = len(net.body.blocks) if args.stream else cut
     net.to(memory_format=torch.channels_last)  # ~1.7x faster depthwise convs on CPU
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    trunk = _trunk_runner(net, cut, train_ds.cfg.input_size, device)
+    trunk = _trunk_runner(net, cache_cut, train_ds.cfg.input_size, device)
     train_acts = _cache(trunk, train_ds, args.views, "trunk (augmented views)")
     val_acts = _cache(trunk, val_ds, 1, "trunk (val)")
 
     with torch.no_grad():
         net.eval()
-        train_feats = TensorDataset(_pool(net, train_acts.tensors[0], cut, device), train_acts.tensors[1])
-        val_feats = TensorDataset(_pool(net, val_acts.tensors[0], cut, device), val_acts.tensors[1])
+        train_feats = TensorDataset(_pool(net, train_acts.tensors[0], cache_cut, device), train_acts.tensors[1])
+        val_feats = TensorDataset(_pool(net, val_acts.tensors[0], cache_cut, device), val_acts.tensors[1])
     for p in net.head.parameters():
         p.requires_grad_(True)
     head_loader = _loader(train_feats, 256, True, args.seed)
@@ -149,12 +174,15 @@ def transfer_stages(net: TransferNet, train_ds: PhotoDataset, val_ds: PhotoDatas
                     opt, sched, args.head_epochs, args.patience)]
 
     if args.epochs > 0:
-        tail = _Tail(net, cut)
         for module in (net.body.blocks[cut:], net.body.conv_head, net.body.bn2):
             for p in module.parameters():
                 p.requires_grad_(True)
-        tail_loader = _loader(train_acts, args.batch_size, True, args.seed)
+        if args.stream:
+            tail, train_data, val_data = _Streamed(net, cut), train_ds, val_ds
+        else:
+            tail, train_data, val_data = _Tail(net, cut), train_acts, val_acts
+        tail_loader = _loader(train_data, args.batch_size, True, args.seed)
         opt, sched = _schedule(tail, args, args.lr, args.epochs, len(tail_loader), {"net.head": args.head_lr_scale})
-        stages.append(Stage("finetune", tail, tail_loader, _loader(val_acts, 256, False, args.seed),
+        stages.append(Stage("finetune", tail, tail_loader, _loader(val_data, 256, False, args.seed),
                             opt, sched, args.epochs, args.patience))
     return stages
