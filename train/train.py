@@ -77,7 +77,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--views", type=positive_int, default=3, help="augmented views cached per training photo")
     g.add_argument("--stream", action="store_true",
                    help="fine-tune on fresh augmentations each epoch, recomputing the frozen trunk per batch "
-                        "(with --cut 0: end to end); --views then only feeds the head. For a GPU: ~3x slower on CPU")
+                        "(with --cut 0: end to end); --views then only feeds the head. Meant for a GPU: on CPU one "
+                        "streamed epoch (one view per photo) costs about an epoch over 3 cached views")
     g.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the last block")
     g.add_argument("--head-epochs", type=positive_int, default=30)
     g.add_argument("--head-lr", type=float, default=3e-3)
