@@ -5,15 +5,12 @@ crash-looped (torch.set_num_threads(0)), and `--max-pixels -5` one that refused 
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_module
 from train.cli import non_negative_int, port, positive_float, positive_int
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(("kind", "good", "bad"), [
@@ -46,8 +43,7 @@ def test_argument_types(kind, good: dict, bad: list[str]) -> None:
 def test_bad_numbers_are_usage_errors(argv: list[str], tmp_path: Path) -> None:
     model, store = tmp_path / "model", tmp_path / "store"
     model.mkdir()
-    args = [a.format(model=model, store=store) for a in argv]
-    done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = run_module(*(a.format(model=model, store=store) for a in argv), timeout=120)
     flag = next(a for a in reversed(argv) if a.startswith("--"))
     assert done.returncode == 2, done.stderr
     assert f"argument {flag}: expected" in done.stderr and "Traceback" not in done.stderr

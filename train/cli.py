@@ -8,8 +8,8 @@ import argparse
 import math
 
 
-def _int(value: str, least: int, what: str) -> int:
-    if not value.isdigit() or int(value) < least:
+def _int(value: str, least: int, what: str, most: float = math.inf) -> int:
+    if not value.isdigit() or not least <= int(value) <= most:
         raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
     return int(value)
 
@@ -23,10 +23,7 @@ def non_negative_int(value: str) -> int:
 
 
 def port(value: str) -> int:
-    number = _int(value, 1, "a TCP port 1..65535")
-    if number > 65535:
-        raise argparse.ArgumentTypeError(f"expected a TCP port 1..65535, got {value!r}")
-    return number
+    return _int(value, 1, "a TCP port 1..65535", 65535)
 
 
 def positive_float(value: str) -> float:
