@@ -183,11 +183,13 @@ class TransferNet(nn.Module):
         self.body.reset_classifier(0)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.body.num_features, num_classes))
 
-    def trunk(self, x: torch.Tensor, cut: int) -> torch.Tensor:
-        """Normalise, stem and block stages ``[0, cut)``."""
+    def trunk_modules(self, cut: int) -> nn.Sequential:
+        """Normalise, stem and block stages ``[0, cut)``: what training keeps frozen below ``cut``."""
         b = self.body
-        x = b.bn1(b.conv_stem(self.normalize(x)))
-        return b.blocks[:cut](x)
+        return nn.Sequential(self.normalize, b.conv_stem, b.bn1, b.blocks[:cut])
+
+    def trunk(self, x: torch.Tensor, cut: int) -> torch.Tensor:
+        return self.trunk_modules(cut)(x)
 
     def tail(self, x: torch.Tensor, cut: int) -> torch.Tensor:
         """Block stages ``[cut, end)``, head conv, pooling, classifier."""

@@ -97,8 +97,7 @@ class _Streamed(nn.Module):
     def __init__(self, net: TransferNet, cut: int) -> None:
         super().__init__()
         self.net, self.cut = net, cut
-        b = net.body
-        self.frozen = nn.ModuleList([net.normalize, b.conv_stem, b.bn1, b.blocks[:cut]])
+        self.frozen = net.trunk_modules(cut)
 
     def train(self, mode: bool = True) -> _Streamed:
         super().train(mode)
@@ -107,7 +106,7 @@ class _Streamed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            acts = self.net.trunk(_channels_last(x), self.cut)
+            acts = self.frozen(_channels_last(x))
         return self.net.tail(acts, self.cut)
 
 
