@@ -27,7 +27,7 @@ from train.runtime import META_FILE, MODEL_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 HANDLER = Path(__file__).with_name("landmark_handler.py")
-TRAIN_FILES = ("__init__.py", "preprocess.py", "labels.py", "runtime.py", "predict.py", "locations.json")
+TRAIN_FILES = ("__init__.py", "cli.py", "preprocess.py", "labels.py", "runtime.py", "predict.py", "locations.json")
 FIXED_TIME = "01/01/2000 00:00:00"  # MANIFEST createdOn, so two builds of the same inputs are identical
 ZIP_TIME = (2000, 1, 1, 0, 0, 0)
 BATCH_SIZE = 4  # requests TorchServe may merge into one network call

@@ -10,6 +10,7 @@ TorchServe accepts only one class per handler module, so bad input is signalled 
 
 from __future__ import annotations
 
+import argparse
 import base64
 import binascii
 import json
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
+from train.cli import positive_int
 from train.predict import Predictor
 from train.preprocess import DEFAULT_MAX_PIXELS, ImageError
 
@@ -39,10 +41,10 @@ def _setting(name: str, handler_cfg: dict, default: int) -> int:
     section. A bad one stops the load with a message naming it (in model_log.log), not a bare int() error."""
     env = f"LANDMARK_{name.upper()}"
     value = os.environ.get(env, handler_cfg.get(name, default))
-    if not str(value).strip().isdigit() or int(value) < 1:
-        raise ValueError(f"handler setting {name} (env {env} or model-config.yaml) must be a positive integer, "
-                         f"got {value!r}")
-    return int(value)
+    try:
+        return positive_int(str(value).strip())
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"handler setting {name} (env {env} or model-config.yaml): {e}") from None
 
 
 def _b64(text: str | bytes) -> bytes:

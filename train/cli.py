@@ -1,6 +1,7 @@
-"""Argument types shared by the package's command lines, so a bad value is a usage error
-(exit 2, one line) in every one of them instead of a traceback, a silent remap, or an
-artefact that only fails later (an archive whose worker cannot start)."""
+"""Argument types shared by the package's command lines, so a bad value is a usage error (exit 2,
+one line) in every one of them instead of a traceback, a silent remap, or an artefact that only
+fails later (an archive whose worker cannot start). The served handler checks its settings with
+them too, which is why this file travels in the model archive."""
 
 from __future__ import annotations
 
