@@ -73,7 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("transfer")
     g.add_argument("--backbone", default="lite0", choices=["lite0", "lite1", "lite2"])
     g.add_argument("--cut", type=int, default=5, choices=range(8), metavar="{0..7}",
-                   help="block stages below this stay frozen and cached (every Lite backbone has 7)")
+                   help="block stages below this stay frozen, and cached unless --stream (every Lite backbone has 7)")
     g.add_argument("--views", type=positive_int, default=3, help="augmented views cached per training photo")
     g.add_argument("--stream", action="store_true",
                    help="fine-tune on fresh augmentations each epoch, recomputing the frozen trunk per batch "
