@@ -25,8 +25,9 @@ APP_PORT ?= 8000
 SRC ?=
 DST ?=
 TAG_ARGS ?=
+RUNS ?=
 
-.PHONY: help install data train-scratch train-transfer export archive serve predict stop bench app tag browser-deps test lint demo clean
+.PHONY: help install data train-scratch train-transfer ensemble export archive serve predict stop bench app tag browser-deps test lint demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -49,6 +50,10 @@ train-scratch: $(STAMP)  ## train + export the from-scratch CNN (DATA_DIR, OUT)
 train-transfer: $(STAMP)  ## train + export the EfficientNet-Lite transfer network (DATA_DIR, OUT)
 	$(PY) -m train.train --arch transfer --data-dir "$(DATA_DIR)" --out "$(or $(OUT),artifacts/transfer)" $(TRAIN_ARGS)
 	$(PY) -m train.export --run-dir "$(or $(OUT),artifacts/transfer)"
+
+ensemble: $(STAMP)  ## average finished runs into one model + export (RUNS="dir1 dir2 ...", OUT)
+	$(PY) -m train.ensemble --runs $(RUNS) --out "$(or $(OUT),artifacts/ensemble)"
+	$(PY) -m train.export --run-dir "$(or $(OUT),artifacts/ensemble)"
 
 export: $(STAMP)  ## re-export a run folder to model.ts / model.onnx / model_meta.json (OUT)
 	$(PY) -m train.export --run-dir "$(or $(OUT),$(MODEL_DIR))"

@@ -36,7 +36,7 @@ def test_split_is_stratified_and_reproducible(tiny_data: Path) -> None:
     assert not set(a.val) & set(a.train)
     per_class = np.bincount([label for _, label in a.val], minlength=len(a.classes))
     assert per_class.tolist() == [4, 4, 4]  # 25% of 16 per class
-    assert a.fingerprint() == b.fingerprint()
+    assert a.fingerprint() == b.fingerprint() == c.fingerprint()  # same photos, another split
 
 
 def test_split_keeps_a_training_image_for_tiny_classes() -> None:

@@ -87,7 +87,8 @@ class DataSplits:
         return cls(classes, train, val, list_samples(root / "test", classes))
 
     def fingerprint(self) -> str:
-        return fingerprint(self.train + self.val + self.test)
+        """The data set's, not the split's: runs with another seed or val fraction share it."""
+        return fingerprint(sorted(self.train + self.val) + self.test)
 
 
 class PhotoDataset(torch.utils.data.Dataset):

@@ -78,38 +78,48 @@ def _plot_confusion(cm: np.ndarray, names: list[str], path: Path) -> None:
     _save(fig, path)
 
 
-def write_report(run: Run, test_ds: PhotoDataset, train_seconds: float) -> dict:
-    """Evaluate the best network on the test set and write the run's report files."""
-    t0 = time.perf_counter()
-    logits = predict_logits(run.net, test_ds, run.device)
+def evaluate_test(net: torch.nn.Module, record: dict, test_ds: PhotoDataset,
+                  device: torch.device) -> tuple[dict, np.ndarray]:
+    """Top-1, top-5 and per-class test accuracy of ``net``, and its confusion matrix."""
+    logits = predict_logits(net, test_ds, device)
     y = test_ds.labels.numpy()
-    names = [c["name"] for c in run.record["classes"]]
-    n = len(names)
+    n = len(record["classes"])
     top5 = np.argsort(-logits, axis=1)[:, : min(5, n)]
     pred = top5[:, 0]
     cm = np.zeros((n, n), dtype=np.int64)
     np.add.at(cm, (y, pred), 1)
     per_class = {c["label"]: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None)
-                 for i, c in enumerate(run.record["classes"])}
+                 for i, c in enumerate(record["classes"])}
     metrics = {
-        "arch": run.record["arch"],
+        "arch": record["arch"],
         "test_accuracy": float((pred == y).mean()),
         "test_top5": float((top5 == y[:, None]).any(1).mean()),
         "n_test": len(y),
         "per_class_accuracy": per_class,
-        "class_names": names,
-        "epochs": len(run.history),
-        "best_val_loss": run.best_val_loss,
-        "seconds": round(train_seconds + time.perf_counter() - t0, 1),
-        "device": str(run.device),
+        "class_names": [c["name"] for c in record["classes"]],
+        "device": str(device),
         "threads": torch.get_num_threads(),
-        "data_dir": run.record["data_dir"],
-        "dataset_fingerprint": run.record["data_fingerprint"],
-        "preprocess": run.record["preprocess"],
+        "data_dir": record["data_dir"],
+        "dataset_fingerprint": record["data_fingerprint"],
+        "preprocess": record["preprocess"],
         "git_commit": git_commit(),
         "torch": torch.__version__,
     }
-    atomic_write_text(run.out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics, cm
+
+
+def write_metrics(out_dir: Path, metrics: dict, cm: np.ndarray) -> None:
+    """metrics.json and confusion.png, each written atomically."""
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    _plot_confusion(cm, metrics["class_names"], out_dir / "confusion.png")
+
+
+def write_report(run: Run, test_ds: PhotoDataset, train_seconds: float) -> dict:
+    """Evaluate the best network on the test set and write the run's report files."""
+    t0 = time.perf_counter()
+    metrics, cm = evaluate_test(run.net, run.record, test_ds, run.device)
+    metrics.update(epochs=len(run.history), best_val_loss=run.best_val_loss,
+                   seconds=round(train_seconds + time.perf_counter() - t0, 1))
+    write_metrics(run.out_dir, metrics, cm)
     _plot_curves(run.history, run.out_dir / "curves.png")
-    _plot_confusion(cm, names, run.out_dir / "confusion.png")
     return metrics

@@ -23,6 +23,7 @@ import torch
 
 from train.cli import positive_float, positive_int
 from train.data import find_classes, list_samples
+from train.engine import BEST
 from train.labels import softmax
 from train.nets import build
 from train.onnx_graph import optimize
@@ -32,12 +33,17 @@ from train.runtime import INPUT_NAME, META_FILE, MODEL_FILES, OUTPUT_NAME, load_
 ONNX_OPSET = 17
 
 
-def load_checkpoint(run_dir: Path) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the network from the constructor record stored beside its weights."""
-    path = run_dir / "best.pt"
+def read_checkpoint(run_dir: Path) -> dict:
+    """A run's best checkpoint: its weights plus the record (arch, model_args, classes, preprocess)."""
+    path = run_dir / BEST
     if not path.is_file():
         raise SystemExit(f"{path} not found: train first (python -m train.train ... --out {run_dir})")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_checkpoint(run_dir: Path) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the network from the constructor record stored beside its weights."""
+    ckpt = read_checkpoint(run_dir)
     net = build(ckpt["arch"], **ckpt["model_args"])
     net.load_state_dict(ckpt["net"])
     return net.eval(), ckpt

@@ -7,6 +7,7 @@ A checkpoint stores ``arch`` plus the constructor kwargs; ``build`` rebuilds the
 from __future__ import annotations
 
 import importlib
+import math
 
 import torch
 from torch import nn
@@ -201,7 +202,22 @@ class TransferNet(nn.Module):
         return self.tail(self.trunk(x, len(self.body.blocks)), len(self.body.blocks))
 
 
-ARCHS = {"scratch": ScratchCNN, "transfer": TransferNet}
+class Ensemble(nn.Module):
+    """Several trained networks that share classes and input, as one: the mean of their class
+    probabilities, returned as log-probabilities so that every consumer's softmax reads exactly
+    that mean. ``members`` holds each one's (arch, model_args) record, so ``build`` rebuilds it."""
+
+    def __init__(self, members: list[dict]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(build(m["arch"], **m["model_args"]) for m in members)
+        self.log_count = math.log(len(members))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.stack([m(x).float().log_softmax(1) for m in self.members])
+        return torch.logsumexp(log_probs, 0) - self.log_count
+
+
+ARCHS = {"scratch": ScratchCNN, "transfer": TransferNet, "ensemble": Ensemble}
 
 
 def build(arch: str, **model_args) -> nn.Module:
