@@ -53,6 +53,11 @@ def mismatch(runs: list[Path], records: list[dict]) -> str | None:
     return None
 
 
+def _test_accuracy(run: Path) -> float | None:
+    path = run / "metrics.json"
+    return json.loads(path.read_text())["test_accuracy"] if path.is_file() else None
+
+
 def main(args: argparse.Namespace) -> int:
     if (args.out / BEST).exists():
         print(f"error: {args.out} holds a previous run: use another --out", file=sys.stderr)
@@ -93,11 +98,6 @@ def main(args: argparse.Namespace) -> int:
     print(f"ensemble of {len(records)}: test accuracy {metrics['test_accuracy']:.4f}  top-5 "
           f"{metrics['test_top5']:.4f}  n={metrics['n_test']}  (members: {own or 'no metrics.json'})  -> {args.out}")
     return 0
-
-
-def _test_accuracy(run: Path) -> float | None:
-    path = run / "metrics.json"
-    return json.loads(path.read_text())["test_accuracy"] if path.is_file() else None
 
 
 if __name__ == "__main__":
