@@ -42,7 +42,8 @@ def test_ensemble_averages_member_probabilities_and_exports(members: list[Path],
 
     nets = [load_checkpoint(run)[0] for run in members]
     cfg = PreprocessConfig.from_dict(json.loads((out / "model_meta.json").read_text())["preprocess"])
-    photos = [p for p, _ in list_samples(tiny_data / "test", find_classes(tiny_data / "train"))]
+    test = list_samples(tiny_data / "test", find_classes(tiny_data / "train"))
+    photos = [p for p, _ in test]
     batch = np.stack([load_input(p, cfg) for p in photos])
     with torch.no_grad():
         expected = np.mean([softmax(net(torch.from_numpy(batch)).numpy()) for net in nets], axis=0)
@@ -52,7 +53,7 @@ def test_ensemble_averages_member_probabilities_and_exports(members: list[Path],
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["arch"] == "ensemble" and metrics["n_test"] == len(photos)
     assert [m["backbone"] for m in metrics["members"]] == ["lite0", "lite1"]
-    labels = np.array([label for _, label in list_samples(tiny_data / "test", find_classes(tiny_data / "train"))])
+    labels = np.array([label for _, label in test])
     assert metrics["test_accuracy"] == pytest.approx(float((expected.argmax(1) == labels).mean()))
 
 

@@ -83,8 +83,8 @@ def main(args: argparse.Namespace) -> int:
 
     model_args = {"members": [{"arch": r["arch"], "model_args": r["model_args"]} for r in records]}
     net = Ensemble(**model_args)
-    for member, record in zip(net.members, records, strict=True):
-        member.load_state_dict(record["net"])
+    for member, member_record in zip(net.members, records, strict=True):
+        member.load_state_dict(member_record["net"])
     record = {"arch": "ensemble", "model_args": model_args,
               **{key: first[key] for key in (*SHARED, "data_dir")}, "runs": [str(run) for run in args.runs]}
     device = pick_device(args.device)
