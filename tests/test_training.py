@@ -118,7 +118,8 @@ def test_cli_errors_are_clear(tmp_path: Path, tiny_model: Path) -> None:
                          "--out", str(tmp_path / "o"))
     assert missing.returncode != 0 and "train/<class>" in missing.stderr and not (tmp_path / "o").exists()
     for arch, flag, value in (("transfer", "--cut", "9"), ("transfer", "--views", "0"),
-                              ("scratch", "--batch-size", "0"), ("scratch", "--epochs", "0")):
+                              ("scratch", "--batch-size", "0"), ("scratch", "--epochs", "0"),
+                              ("scratch", "--val-fraction", "0.5")):
         wrong = run_module("train.train", "--arch", arch, "--data-dir", str(tmp_path), "--out",
                            str(tmp_path / "o"), flag, value)
         assert wrong.returncode == 2 and flag in wrong.stderr and not (tmp_path / "o").exists()
@@ -172,3 +173,23 @@ def test_streamed_fine_tuning_trains_all_but_the_frozen_stem(tiny_data: Path, tm
     for name in ("body.blocks.0.0.conv_dw.weight", "body.blocks.6.0.conv_pwl.weight", "body.conv_head.weight"):
         assert not torch.equal(tuned[name], start[name]), name
     assert json.loads((tmp_path / "metrics.json").read_text())["test_accuracy"] > 0.5
+
+
+def test_without_validation_each_stage_keeps_its_last_epoch(tiny_data: Path, tmp_path: Path) -> None:
+    """--val-fraction 0: every training photo is used, nothing is early-stopped, and the model is the
+    schedule's end (best.pt holds the same weights as the final checkpoint); the report says so."""
+    trained = run_module("train.train", "--arch", "transfer", "--data-dir", str(tiny_data), "--out", str(tmp_path),
+                         "--input-size", "64", "--views", "1", "--head-epochs", "3", "--epochs", "2",
+                         "--patience", "1", "--val-fraction", "0", "--threads", "1")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert " 0 val " in trained.stdout
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in rows] == [("head", 1), ("head", 2), ("head", 3),
+                                                        ("finetune", 1), ("finetune", 2)]
+    assert all(r["val_loss"] is None and r["val_acc"] is None for r in rows)
+    best = torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=False)["net"]
+    last = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)["net"]
+    assert all(torch.equal(best[k], last[k]) for k in last)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["best_val_loss"] is None and metrics["test_accuracy"] > 0.5
+    assert (tmp_path / "curves.png").stat().st_size > 0

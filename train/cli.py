@@ -35,3 +35,13 @@ def positive_float(value: str) -> float:
     if not (math.isfinite(number) and number > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
     return number
+
+
+def fraction_below_half(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not 0 <= number < 0.5:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 0.5), got {value!r}")
+    return number

@@ -47,7 +47,7 @@ class Stage:
     name: str
     module: nn.Module  # maps a loader's x to logits; its parameters belong to the run's net
     train_loader: Iterable
-    val_loader: Iterable
+    val_loader: Iterable | None  # None: no validation, so each epoch replaces the best (the schedule's end wins)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     epochs: int
@@ -130,22 +130,25 @@ class Run:
             t0 = time.perf_counter()
             tr = run_epoch(stage.module, stage.train_loader, self.device, self.train_criterion,
                            stage.optimizer, stage.scheduler, desc=f"{stage.name} {epoch + 1}/{stage.epochs}")
-            va = run_epoch(stage.module, stage.val_loader, self.device, self.eval_criterion, desc="val")
+            va = (run_epoch(stage.module, stage.val_loader, self.device, self.eval_criterion, desc="val")
+                  if stage.val_loader is not None else {"loss": None, "acc": None})
             row = {"stage": stage.name, "epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
                    "val_loss": va["loss"], "val_acc": va["acc"], "lr": stage.optimizer.param_groups[0]["lr"],
                    "seconds": round(time.perf_counter() - t0, 2)}
             self.history.append(row)
-            improved = va["loss"] < self.best_val_loss
+            improved = va["loss"] is None or va["loss"] < self.best_val_loss
             if improved:
-                self.best_val_loss, bad_epochs = va["loss"], 0
+                bad_epochs = 0
+                if va["loss"] is not None:
+                    self.best_val_loss = va["loss"]
                 atomic_save({**self.record, "net": self.net.state_dict()}, self.out_dir / BEST)
             else:
                 bad_epochs += 1
             self._checkpoint(stage, epoch, bad_epochs)
             self._write_log()
+            val = "no val" if va["loss"] is None else f"val loss {va['loss']:.3f} acc {va['acc']:.3f}"
             print(f"[{stage.name}] epoch {epoch + 1:3d}/{stage.epochs}  train loss {tr['loss']:.3f} acc "
-                  f"{tr['acc']:.3f}  val loss {va['loss']:.3f} acc {va['acc']:.3f}  {row['seconds']:.1f}s"
-                  + ("  *best" if improved else ""), flush=True)
+                  f"{tr['acc']:.3f}  {val}  {row['seconds']:.1f}s" + ("  *best" if improved else ""), flush=True)
         self.done.append(stage.name)
         self.load_best()
         self._checkpoint(stage, stage.epochs, bad_epochs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import time
@@ -49,9 +50,9 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     fig = Figure(figsize=(11, 4))
     ax_loss, ax_acc = fig.subplots(1, 2)
     x = np.arange(1, len(history) + 1)
-    for key, style in (("train", "-"), ("val", "--")):
-        ax_loss.plot(x, [h[f"{key}_loss"] for h in history], style, label=key)
-        ax_acc.plot(x, [h[f"{key}_acc"] for h in history], style, label=key)
+    for key, style in (("train", "-"), ("val", "--")):  # without validation (None) the val lines stay empty
+        ax_loss.plot(x, np.array([h[f"{key}_loss"] for h in history], dtype=float), style, label=key)
+        ax_acc.plot(x, np.array([h[f"{key}_acc"] for h in history], dtype=float), style, label=key)
     stages = [h["stage"] for h in history]
     for i in range(1, len(stages)):
         if stages[i] != stages[i - 1]:
@@ -118,7 +119,8 @@ def write_report(run: Run, test_ds: PhotoDataset, train_seconds: float) -> dict:
     """Evaluate the best network on the test set and write the run's report files."""
     t0 = time.perf_counter()
     metrics, cm = evaluate_test(run.net, run.record, test_ds, run.device)
-    metrics.update(epochs=len(run.history), best_val_loss=run.best_val_loss,
+    best_val_loss = run.best_val_loss if math.isfinite(run.best_val_loss) else None  # None: no validation
+    metrics.update(epochs=len(run.history), best_val_loss=best_val_loss,
                    seconds=round(train_seconds + time.perf_counter() - t0, 1))
     write_metrics(run.out_dir, metrics, cm)
     _plot_curves(run.history, run.out_dir / "curves.png")

@@ -36,6 +36,11 @@ def _loader(ds: torch.utils.data.Dataset, batch_size: int, shuffle: bool, seed: 
                       collate_fn=collate_fn)
 
 
+def _val_loader(ds: torch.utils.data.Dataset | None, batch_size: int, seed: int) -> DataLoader | None:
+    """None without validation photos (``--val-fraction 0``): the engine then keeps the last epoch."""
+    return _loader(ds, batch_size, False, seed) if ds is not None and len(ds) else None
+
+
 def _mix_collate(num_classes: int) -> Callable:
     """Batch-level MixUp or CutMix (one at random): the strongest regulariser for a from-scratch
     net on a few dozen photos per class. Pixels stay on the 0..255 scale the net expects."""
@@ -60,7 +65,7 @@ def scratch_stages(net: ScratchCNN, train_ds: PhotoDataset, val_ds: PhotoDataset
     train_loader = _loader(train_ds, args.batch_size, True, args.seed, collate)
     opt, sched = _schedule(net, args, args.lr, args.epochs, len(train_loader))
     net.to(memory_format=torch.channels_last)  # the exported graphs are unaffected
-    return [Stage("scratch", _ChannelsLast(net), train_loader, _loader(val_ds, 256, False, args.seed),
+    return [Stage("scratch", _ChannelsLast(net), train_loader, _val_loader(val_ds, 256, args.seed),
                   opt, sched, args.epochs, args.patience)]
 
 
@@ -141,11 +146,13 @@ def _cache(fn: Callable, ds: PhotoDataset, repeats: int, desc: str) -> TensorDat
     return TensorDataset(torch.cat(xs), torch.cat(ys))
 
 
-def _pool(net: TransferNet, acts: torch.Tensor, cut: int, device: torch.device) -> torch.Tensor:
+@torch.no_grad()
+def _pool(net: TransferNet, acts: TensorDataset, cut: int, device: torch.device) -> TensorDataset:
+    """Cached trunk activations -> the head's pooled features, same labels."""
     b = net.body
     out = [b.global_pool(b.bn2(b.conv_head(b.blocks[cut:](_channels_last(a.to(device)))))).cpu()
-           for a in acts.split(256)]
-    return torch.cat(out)
+           for a in acts.tensors[0].split(256)]
+    return TensorDataset(torch.cat(out), acts.tensors[1])
 
 
 def transfer_stages(net: TransferNet, train_ds: PhotoDataset, val_ds: PhotoDataset, args: argparse.Namespace,
@@ -159,17 +166,15 @@ def transfer_stages(net: TransferNet, train_ds: PhotoDataset, val_ds: PhotoDatas
         p.requires_grad_(False)
     trunk = _trunk_runner(net, cache_cut, train_ds.cfg.input_size, device)
     train_acts = _cache(trunk, train_ds, args.views, "trunk (augmented views)")
-    val_acts = _cache(trunk, val_ds, 1, "trunk (val)")
+    val_acts = _cache(trunk, val_ds, 1, "trunk (val)") if len(val_ds) else None
 
-    with torch.no_grad():
-        net.eval()
-        train_feats = TensorDataset(_pool(net, train_acts.tensors[0], cache_cut, device), train_acts.tensors[1])
-        val_feats = TensorDataset(_pool(net, val_acts.tensors[0], cache_cut, device), val_acts.tensors[1])
+    train_feats = _pool(net, train_acts, cache_cut, device)
+    val_feats = _pool(net, val_acts, cache_cut, device) if val_acts is not None else None
     for p in net.head.parameters():
         p.requires_grad_(True)
     head_loader = _loader(train_feats, 256, True, args.seed)
     opt, sched = _schedule(net.head, args, args.head_lr, args.head_epochs, len(head_loader))
-    stages = [Stage("head", net.head, head_loader, _loader(val_feats, 1024, False, args.seed),
+    stages = [Stage("head", net.head, head_loader, _val_loader(val_feats, 1024, args.seed),
                     opt, sched, args.head_epochs, args.patience)]
 
     if args.epochs > 0:
@@ -182,6 +187,6 @@ def transfer_stages(net: TransferNet, train_ds: PhotoDataset, val_ds: PhotoDatas
             tail, train_data, val_data = _Tail(net, cut), train_acts, val_acts
         tail_loader = _loader(train_data, args.batch_size, True, args.seed)
         opt, sched = _schedule(tail, args, args.lr, args.epochs, len(tail_loader), {"net.head": args.head_lr_scale})
-        stages.append(Stage("finetune", tail, tail_loader, _loader(val_data, 256, False, args.seed),
+        stages.append(Stage("finetune", tail, tail_loader, _val_loader(val_data, 256, args.seed),
                             opt, sched, args.epochs, args.patience))
     return stages

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from train.cli import non_negative_int, positive_int
+from train.cli import fraction_below_half, non_negative_int, positive_int
 from train.data import DataSplits, PhotoDataset, train_augment
 from train.engine import Run, pick_device, seed_everything
 from train.evaluate import write_report
@@ -34,15 +34,7 @@ RECIPES = {  # per-arch defaults; every one can be overridden on the command lin
 
 
 def _auto_or_fraction(value: str) -> str | float:
-    if value == "auto":
-        return value
-    try:
-        fraction = float(value)
-    except ValueError:
-        fraction = -1.0
-    if not 0 <= fraction < 0.5:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a fraction in [0, 0.5), got {value!r}")
-    return fraction
+    return value if value == "auto" else fraction_below_half(value)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -61,7 +53,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=fraction_below_half, default=0.1,
+                   help="share of every training class held out for checkpoint choice and early stopping; "
+                        "0 = train on every photo and keep each stage's last epoch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch intra-op threads (0 = all cores)")
