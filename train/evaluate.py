@@ -29,8 +29,10 @@ def git_commit() -> str | None:
 
 @torch.no_grad()
 def predict_logits(net: torch.nn.Module, ds: PhotoDataset, device: torch.device) -> np.ndarray:
+    """Batches of 32: on world_heritage13's test set a 448 px Lite1 peaked at 10.2 GB of RAM with
+    batches of 128 (early activations of 96 x 224 x 224 floats per photo), 3.4 GB with 32, same speed."""
     net.eval()
-    return torch.cat([net(x.to(device)).float().cpu() for x, _ in DataLoader(ds, batch_size=128)]).numpy()
+    return torch.cat([net(x.to(device)).float().cpu() for x, _ in DataLoader(ds, batch_size=32)]).numpy()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
