@@ -27,21 +27,22 @@ def port(value: str) -> int:
     return _int(value, 1, "a TCP port 1..65535", 65535)
 
 
-def positive_float(value: str) -> float:
+def _float(value: str) -> float:
     try:
-        number = float(value)
+        return float(value)
     except ValueError:
-        number = math.nan
+        return math.nan  # fails every range check below
+
+
+def positive_float(value: str) -> float:
+    number = _float(value)
     if not (math.isfinite(number) and number > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
     return number
 
 
 def fraction_below_half(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
+    number = _float(value)
     if not 0 <= number < 0.5:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 0.5), got {value!r}")
     return number
