@@ -34,7 +34,12 @@ RECIPES = {  # per-arch defaults; every one can be overridden on the command lin
 
 
 def _auto_or_fraction(value: str) -> str | float:
-    return value if value == "auto" else fraction_below_half(value)
+    if value == "auto":
+        return value
+    try:
+        return fraction_below_half(value)
+    except argparse.ArgumentTypeError:  # say that 'auto' is allowed too, as before
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a fraction in [0, 0.5), got {value!r}") from None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
