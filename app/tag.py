@@ -36,7 +36,7 @@ from app.client import (
     unreachable,
 )
 from app.exif import SUPPORTED_FORMATS, has_gps, with_gps
-from train.cli import non_negative_int, positive_float
+from landmark.cli import non_negative_int, positive_float
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp"}
 REPORT_JSON, REPORT_CSV = "tag_report.json", "tag_report.csv"
@@ -80,10 +80,10 @@ def signature(path: Path) -> list[int]:
 
 
 def local_predictor(model_dir: Path, backend: str, device: str, threads: int) -> tuple[Predict, set[str]]:
-    from train.predict import Predictor
+    from landmark.predict import Predictor
 
     predictor = Predictor.from_dir(model_dir, backend, device=device, threads=threads)
-    return (lambda data: predictor.predict([data])[0]), {c["label"] for c in predictor.classes}
+    return (lambda data: predictor.predict([data])[0]), {c.label for c in predictor.classes}
 
 
 def served_predictor(target: ServeTarget, timeout: float) -> Predict:

@@ -27,7 +27,7 @@ from app.client import (
     parse_predictions,
     unreachable,
 )
-from train.cli import port, positive_float, positive_int
+from landmark.cli import port, positive_float, positive_int
 
 STATIC = Path(__file__).with_name("static")
 DEFAULT_MAX_UPLOAD = 10 * 1024 * 1024

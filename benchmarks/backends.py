@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from train.runtime import MODEL_FILES, load_runner
+from landmark.run_files import BEST, model_file
+from landmark.runtime import load_runner
 
 BACKENDS = ("eager", "torchscript", "onnx-cpu", "onnx-cuda", "torchscript-cuda")
 ORT_CUDA = "CUDAExecutionProvider"
@@ -44,7 +45,7 @@ def _eager(model_dir: Path, threads: int) -> Backend:
     from train.export import load_checkpoint
 
     torch.set_num_threads(threads)
-    _need(model_dir / "best.pt")
+    _need(model_dir / BEST)
     net, _ = load_checkpoint(model_dir)
 
     def run(batch: np.ndarray) -> np.ndarray:
@@ -61,10 +62,10 @@ def _cuda_reason() -> str | None:
 
 
 def _runner(model_dir: Path, name: str, threads: int) -> Backend:
-    """TorchScript / ONNX Runtime through ``train.runtime`` (what the handler serves)."""
+    """TorchScript / ONNX Runtime through ``landmark.runtime`` (what the handler serves)."""
     kind, device = {"torchscript": ("torchscript", "cpu"), "onnx-cpu": ("onnx", "cpu"),
                     "onnx-cuda": ("onnx", "cuda"), "torchscript-cuda": ("torchscript", "cuda")}[name]
-    path = _need(model_dir / MODEL_FILES[kind])
+    path = _need(model_file(model_dir, kind))
     if kind == "torchscript":
         import torch
 

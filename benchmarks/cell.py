@@ -21,7 +21,7 @@ import psutil
 
 from benchmarks.backends import Backend, Unavailable, make_backend
 from benchmarks.stats import summarize_ms, time_loop
-from train.labels import softmax
+from landmark.labels import softmax
 
 
 def _mb(n_bytes: float) -> float:

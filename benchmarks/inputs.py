@@ -1,5 +1,5 @@
 """The bytes every backend sees: one uint8 batch per model from real photos through the one eval
-preprocessing (``train.preprocess.load_input``), or deterministic synthetic JPEGs where the
+preprocessing (``landmark.preprocess.load_input``), or deterministic synthetic JPEGs where the
 photos are absent; and one 800 px JPEG for the served endpoint."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from train.preprocess import PreprocessConfig, load_input
+from landmark.preprocess import PreprocessConfig, load_input
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

@@ -26,7 +26,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from benchmarks.machine import default_threads, pin_threads
-from train.cli import non_negative_int, positive_float, positive_int
+from landmark.cli import non_negative_int, positive_float, positive_int
+from landmark.run_files import META
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = (ROOT / "artifacts" / "scratch", ROOT / "artifacts" / "transfer")
@@ -72,16 +73,15 @@ def model_setup(model_dir: Path, args: argparse.Namespace, work: Path) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from benchmarks.inputs import model_inputs
+    from landmark.labels import softmax
+    from landmark.run_files import BEST, read_meta
     from train.export import load_checkpoint
-    from train.labels import softmax
-    from train.preprocess import PreprocessConfig
-    from train.runtime import read_meta
 
-    cfg = PreprocessConfig.from_dict(read_meta(model_dir)["preprocess"])
+    cfg = read_meta(model_dir).preprocess
     inputs, info = model_inputs(cfg, args.photos, max(args.batch_sizes))
     np.save(work / "inputs.npy", inputs)
     setup = {"input_size": cfg.input_size, "inputs": info, "flops_per_image": None, "reference": None}
-    if (model_dir / "best.pt").is_file():
+    if (model_dir / BEST).is_file():
         net, _ = load_checkpoint(model_dir)
         with torch.inference_mode():
             with FlopCounterMode(display=False) as counter:
@@ -130,7 +130,7 @@ def add_flops(row: dict, flops: float | None, peak: float) -> None:
 
 def bench_model(model_dir: Path, args: argparse.Namespace, peak: float) -> dict:
     model = {"name": model_dir.name, "path": str(model_dir)}
-    if not (model_dir / "model_meta.json").is_file():
+    if not (model_dir / META).is_file():
         why = "folder not found" if not model_dir.is_dir() else "no model_meta.json (run make export)"
         print(f"[{model_dir}] skipped: {why}", flush=True)
         return {**model, "status": f"skipped: {why}"}

@@ -17,6 +17,7 @@ import psutil
 import requests
 
 from benchmarks.stats import summarize_ms, time_loop
+from landmark.run_files import model_file
 
 
 @dataclass
@@ -76,7 +77,7 @@ def load_test(url: str, headers: dict, body: bytes, load: Load) -> dict:
 
 def inprocess_reference(model_file: Path, body: bytes, threads: int, budget_s: float) -> dict:
     """What one request costs without the server: decode + preprocess, model, and both end to end."""
-    from train.predict import Predictor
+    from landmark.predict import Predictor
 
     predictor = Predictor(model_file, device="cpu", threads=threads)
     crop = predictor.preprocess(body)[None]
@@ -145,7 +146,7 @@ def bench_own_server(model_dir: Path, backend: str, body: bytes, loads: list[Loa
             memory = server_memory(server)
         finally:
             server.stop()
-    ref = inprocess_reference(model_dir / _model_file(backend), body, settings["threads"], ref_budget_s)
+    ref = inprocess_reference(model_file(model_dir, backend), body, settings["threads"], ref_budget_s)
     return {"server": "own", "backend": backend, "archive": settings, "cold_start_s": cold, **memory,
             "levels": levels, "inprocess": ref, **overhead(levels, ref)}
 
@@ -164,8 +165,3 @@ def overhead(levels: list[dict], ref: dict) -> dict:
     base = ref["end_to_end"]["p50_ms"]
     return {"overhead_ms": one["p50_ms"] - base, "served_over_inprocess": one["p50_ms"] / base}
 
-
-def _model_file(backend: str) -> str:
-    from train.runtime import MODEL_FILES
-
-    return MODEL_FILES[backend]

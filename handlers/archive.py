@@ -1,8 +1,8 @@
 """Build ``<store>/<name>.mar`` from an exported model folder with torch-model-archiver.
 
 The archive holds the handler, one network (model.onnx or model.ts), model_meta.json, a
-model-config.yaml (batching, handler threads and pixel limit) and the train/ modules the handler
-imports, staged from this repository so the one preprocessing definition travels with the model.
+model-config.yaml (batching, handler threads and pixel limit) and the whole ``landmark`` inference
+package, so the one preprocessing definition travels with the model and no file list can go stale.
 No photos. The result is byte-reproducible (fixed manifest time, sorted entries, fixed zip
 dates) and is assembled in a temporary folder, then moved into place: never a half-written .mar.
 
@@ -21,13 +21,14 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from train.cli import non_negative_int, positive_int
-from train.preprocess import DEFAULT_MAX_PIXELS
-from train.runtime import META_FILE, MODEL_FILES
+import landmark
+from landmark.cli import non_negative_int, positive_int
+from landmark.preprocess import DEFAULT_MAX_PIXELS
+from landmark.run_files import META, MODEL_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 HANDLER = Path(__file__).with_name("landmark_handler.py")
-TRAIN_FILES = ("__init__.py", "cli.py", "preprocess.py", "labels.py", "runtime.py", "predict.py", "locations.json")
+PACKAGE = Path(landmark.__file__).parent  # shipped whole: the handler may import any of it
 FIXED_TIME = "01/01/2000 00:00:00"  # MANIFEST createdOn, so two builds of the same inputs are identical
 ZIP_TIME = (2000, 1, 1, 0, 0, 0)
 BATCH_SIZE = 4  # requests TorchServe may merge into one network call
@@ -50,12 +51,11 @@ def model_config(batch_size: int, max_batch_delay: int, threads: int, max_pixels
 
 
 def stage(model_dir: Path, backend: str, work: Path, config_text: str) -> Path:
-    """Lay out the extra files: train/ (repo copy) and model_meta.json at the archive root."""
+    """Lay out the extra files: the ``landmark`` package (sources and data, no caches) and
+    model_meta.json at the archive root."""
     extra = work / "extra"
-    (extra / "train").mkdir(parents=True)
-    for name in TRAIN_FILES:
-        shutil.copyfile(ROOT / "train" / name, extra / "train" / name)
-    shutil.copyfile(model_dir / META_FILE, extra / META_FILE)
+    shutil.copytree(PACKAGE, extra / PACKAGE.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copyfile(model_dir / META, extra / META)
     (work / "model-config.yaml").write_text(config_text, encoding="utf-8")
     return extra
 
@@ -76,7 +76,7 @@ def build(model_dir: Path, backend: str, name: str, version: str, store: Path, f
     """Archive ``model_dir``'s exported network; returns the .mar path. Raises FileNotFoundError / FileExistsError."""
     model_dir, store = Path(model_dir), Path(store)
     model_file = model_dir / MODEL_FILES[backend]
-    missing = [p.name for p in (model_file, model_dir / META_FILE) if not p.is_file()]
+    missing = [p.name for p in (model_file, model_dir / META) if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{model_dir} lacks {', '.join(missing)}: run `make export OUT={model_dir}` first")
     target = store / f"{name}.mar"

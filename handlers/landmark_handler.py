@@ -1,6 +1,6 @@
 """TorchServe handler: photo -> top-k landmarks with locations.
 
-It wraps ``train.predict.Predictor`` (staged into the archive beside this file), so served and
+It wraps ``landmark.predict.Predictor`` (staged into the archive beside this file), so served and
 offline answers come from the same decode, crop, network and softmax. It subclasses BaseHandler,
 not VisionHandler, which would import captum. A bad item in a batch gets its own 400 with a JSON
 error; the other items of the batch are answered normally and the worker keeps running.
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from train.cli import positive_int
-from train.predict import Predictor
-from train.preprocess import DEFAULT_MAX_PIXELS, ImageError
+from landmark.cli import positive_int
+from landmark.predict import Predictor
+from landmark.preprocess import DEFAULT_MAX_PIXELS, ImageError
 
 logger = logging.getLogger(__name__)
 

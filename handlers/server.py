@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from train.cli import positive_float, positive_int
+from landmark.cli import positive_float, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "serve_config" / "config.properties"

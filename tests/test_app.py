@@ -23,7 +23,7 @@ import pytest
 from conftest import ROOT, SHARED_DATA, run_module, synthetic_photo
 
 from handlers.server import TorchServe
-from train.predict import Predictor
+from landmark.predict import Predictor
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -18,7 +18,7 @@ from benchmarks.backends import Unavailable, assert_provider, make_backend
 from benchmarks.inputs import model_inputs
 from benchmarks.served import read_token
 from benchmarks.stats import percentile, summarize_ms, time_loop
-from train.preprocess import PreprocessConfig
+from landmark.preprocess import PreprocessConfig
 
 NO_GPU = not torch.cuda.is_available()
 

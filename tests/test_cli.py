@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from landmark.cli import non_negative_int, port, positive_float, positive_int
 from tests.conftest import run_module
-from train.cli import non_negative_int, port, positive_float, positive_int
 
 
 @pytest.mark.parametrize(("kind", "good", "bad"), [

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from landmark.labels import build_classes, display_name
+from landmark.preprocess import ImageError, PreprocessConfig, decode, load_input
 from tests.conftest import TINY_CLASSES, synthetic_photo
 from train.data import DataSplits, PhotoDataset, find_classes, stratified_split, train_augment
-from train.labels import build_classes, display_name
-from train.preprocess import ImageError, PreprocessConfig, decode, load_input
 
 CFG = PreprocessConfig(32, 36, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -48,12 +48,12 @@ def test_split_keeps_a_training_image_for_tiny_classes() -> None:
 
 def test_locations_builtin_and_custom(tmp_path: Path) -> None:
     classes = build_classes(["16.Eiffel_Tower", "my cabin", "taj mahal"], None)
-    assert classes[0]["location"]["country"] == "France"
-    assert abs(classes[0]["location"]["lat"] - 48.8584) < 1e-6
-    assert classes[1]["location"] is None
-    assert classes[2]["location"]["place"].startswith("Taj Mahal")
+    assert classes[0].location.country == "France"
+    assert abs(classes[0].location.lat - 48.8584) < 1e-6
+    assert classes[1].location is None
+    assert classes[2].location.place.startswith("Taj Mahal")
     (tmp_path / "locations.json").write_text(json.dumps({"my cabin": {"lat": 60.1, "lon": 24.9, "country": "Finland"}}))
-    assert build_classes(["my cabin"], tmp_path)[0]["location"]["country"] == "Finland"
+    assert build_classes(["my cabin"], tmp_path)[0].location.country == "Finland"
     (tmp_path / "locations.json").write_text(json.dumps({"my cabin": {"lat": 600, "lon": 24.9}}))
     with pytest.raises(ValueError, match="out of range"):
         build_classes(["my cabin"], tmp_path)

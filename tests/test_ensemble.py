@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from landmark.labels import softmax
+from landmark.predict import Predictor
+from landmark.preprocess import load_input
+from landmark.run_files import read_meta
 from tests.conftest import run_module
 from train.data import find_classes, list_samples
 from train.export import load_checkpoint
-from train.labels import softmax
-from train.predict import Predictor
-from train.preprocess import PreprocessConfig, load_input
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_ensemble_averages_member_probabilities_and_exports(members: list[Path],
     assert exported.returncode == 0, exported.stderr[-3000:]
 
     nets = [load_checkpoint(run)[0] for run in members]
-    cfg = PreprocessConfig.from_dict(json.loads((out / "model_meta.json").read_text())["preprocess"])
+    cfg = read_meta(out).preprocess
     test = list_samples(tiny_data / "test", find_classes(tiny_data / "train"))
     photos = [p for p, _ in test]
     batch = np.stack([load_input(p, cfg) for p in photos])

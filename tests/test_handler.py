@@ -20,7 +20,7 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from handlers.archive import build
 from handlers.landmark_handler import parse_topk, requested_topk
-from train.predict import Predictor
+from landmark.predict import Predictor
 
 
 def load_handler(model_dir: Path, threads: int = 1):

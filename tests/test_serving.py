@@ -25,9 +25,9 @@ import requests
 from conftest import ROOT, synthetic_photo
 from PIL import Image
 
-from handlers.archive import BATCH_SIZE, MAX_BATCH_DELAY_MS, TRAIN_FILES, build
+from handlers.archive import BATCH_SIZE, MAX_BATCH_DELAY_MS, PACKAGE, build
 from handlers.server import TorchServe, config_ports, free_ports, read_properties
-from train.predict import Predictor
+from landmark.predict import Predictor
 
 MODELS = {"landmark_onnx": "onnx", "landmark_ts": "torchscript"}
 N_CLASSES = 3
@@ -108,8 +108,10 @@ def test_archive_is_reproducible_and_self_contained(tiny_model: Path, tmp_path: 
     with zipfile.ZipFile(a) as z:
         names = set(z.namelist())
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
-    assert {f"train/{f}" for f in TRAIN_FILES} | {"landmark_handler.py", "model.onnx", "model_meta.json",
-                                                   "model-config.yaml"} == names - {"MAR-INF/MANIFEST.json"}
+    package = {f"landmark/{p.relative_to(PACKAGE).as_posix()}" for p in PACKAGE.rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
+    assert package | {"landmark_handler.py", "model.onnx", "model_meta.json",
+                      "model-config.yaml"} == names - {"MAR-INF/MANIFEST.json"}
     assert manifest["model"] == {"modelName": "m", "serializedFile": "model.onnx", "handler": "landmark_handler.py",
                                  "modelVersion": "2.1", "configFile": "model-config.yaml"}
     with pytest.raises(FileExistsError):
@@ -118,6 +120,35 @@ def test_archive_is_reproducible_and_self_contained(tiny_model: Path, tmp_path: 
     with zipfile.ZipFile(a) as z:
         assert "model.ts" in z.namelist() and "model.onnx" not in z.namelist()
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["m.mar"]  # no temp leftovers
+
+
+def test_archive_needs_no_module_from_outside_it(tiny_model: Path, tiny_data: Path, tmp_path: Path) -> None:
+    """The handler, imported in an isolated interpreter whose path is the unpacked archive and
+    site-packages only, loads the model and answers a photo: nothing of the repository is needed."""
+    mar = build(tiny_model, "onnx", "m", "1.0", tmp_path / "store")
+    unpacked = tmp_path / "unpacked"
+    with zipfile.ZipFile(mar) as z:
+        z.extractall(unpacked)
+    photo = next((tiny_data / "test").rglob("*.jpg"))
+    script = f"""
+import sys, site
+sys.path[:] = [{str(unpacked)!r}, *site.getsitepackages()] + [p for p in sys.path if "lib/python" in p
+                                                              and "site-packages" not in p]
+import landmark_handler
+from landmark.predict import Predictor
+predictor = Predictor({str(unpacked / "model.onnx")!r}, device="cpu")
+print(predictor.predict([{str(photo)!r}], 1)[0][0]["label"])
+files = {{name: getattr(m, "__file__", None) or "" for name, m in sys.modules.items()}}
+outside = sorted(n for n, f in files.items() if f.startswith({str(ROOT)!r}) and "site-packages" not in f)
+print("outside:", outside)
+print("torch loaded:", "torch" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] in {"09.Golden_Gate_Bridge", "16.Eiffel_Tower", "taj mahal"}
+    assert lines[1] == "outside: []"
 
 
 def test_archive_cli_refuses_a_folder_without_exports(tmp_path: Path) -> None:
@@ -155,7 +186,7 @@ def test_topk_format_and_order(server: TorchServe, model: str, jpeg: bytes, pred
     assert len(preds) == N_CLASSES  # default k = 5, bounded by the 3 classes
     probs = [p["probability"] for p in preds]
     assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
-    labels = {c["label"] for c in predictors[model].classes}
+    labels = {c.label for c in predictors[model].classes}
     for p in preds:
         assert set(p) == {"label", "name", "probability", "location"} and p["label"] in labels
         assert set(p["location"]) == {"lat", "lon", "country", "place"}

@@ -16,7 +16,7 @@ import requests
 
 from handlers.archive import build
 from handlers.server import TorchServe
-from train.predict import Predictor
+from landmark.predict import Predictor
 
 MODEL_DIR = os.environ.get("LANDMARK_MODEL_DIR")
 DATA_SET = os.environ.get("LANDMARK_DATA_SET", "world_heritage13")
@@ -35,7 +35,7 @@ def test_served_top1_equals_offline_on_real_test_photos(shared_data: Path, tmp_p
         print(f"\ncold start: {server.cold_start_s:.1f} s")
         for name, backend in BACKENDS.items():
             predictor = Predictor.from_dir(model_dir, backend, device="cpu", threads=1)
-            labels = {c["label"] for c in predictor.classes}
+            labels = {c.label for c in predictor.classes}
             same = correct = 0
             t0 = time.perf_counter()
             for path in photos:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import shutil
 import socket
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from conftest import SHARED_DATA, run_module, synthetic_photo
 from PIL import ExifTags, Image
 
 from app.exif import read_gps, with_gps
-from train.runtime import read_meta
+from landmark.run_files import read_meta
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -69,7 +70,7 @@ def test_tag_local_end_to_end(photos: Path, tiny_model: Path, tmp_path: Path) ->
     csv_lines = (dst / "tag_report.csv").read_text().splitlines()
     assert csv_lines[0].startswith("path,landmark,name,probability,lat,lon") and len(csv_lines) == len(rows) + 1
 
-    locations = {c["label"]: c["location"] for c in read_meta(tiny_model)["classes"]}
+    locations = {c.label: asdict(c.location) for c in read_meta(tiny_model).classes}
     tagged = [r for r in rows.values() if r["action"] == "tagged"]
     assert len(tagged) == len(rows) - 2  # threshold 0: every readable photo without GPS
     if (SHARED_DATA / "udacity_samples").is_dir():

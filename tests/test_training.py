@@ -14,9 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from landmark.meta import LandmarkClass, ModelRecord
+from landmark.predict import Predictor
+from landmark.preprocess import PreprocessConfig
+from landmark.run_files import read_meta
+from landmark.runtime import OnnxRunner
 from tests.conftest import ROOT, TINY_TRAIN_ARGS, run_module
-from train.nets import ScratchCNN, TransferNet, build
-from train.predict import Predictor
+from train.nets import IMAGENET_LITE_MEAN, IMAGENET_LITE_STD, ScratchCNN, TransferNet, build
 
 
 @pytest.mark.parametrize("size", [64, 224])
@@ -39,16 +43,19 @@ def test_transfer_net_loads_imagenet_weights_strictly_and_splits_exactly() -> No
         dropped = TransferNet(13, drop_path=0.2).eval()
         dropped.load_state_dict(net.state_dict())
         torch.testing.assert_close(dropped(x), logits)  # stochastic depth acts in training only
-    rebuilt = build("transfer", num_classes=13)
-    rebuilt.load_state_dict(net.state_dict())  # export rebuilds from (arch, kwargs) without the weight wheel
+    record = ModelRecord("transfer", {"backbone": "lite0", "drop_path": 0.0},
+                         PreprocessConfig(224, 224, IMAGENET_LITE_MEAN, IMAGENET_LITE_STD),
+                         tuple(LandmarkClass(str(i), str(i)) for i in range(13)))
+    rebuilt = build(record)
+    rebuilt.load_state_dict(net.state_dict())  # export rebuilds from the record without the weight wheel
 
 
 def test_onnx_export_folds_same_padding_into_convs() -> None:
     """The strided convs' TF 'SAME' pads become Conv pads: no Pad node is left, outputs stay exact."""
     import onnx
 
+    from landmark.runtime import OnnxRunner
     from train.export import export_onnx
-    from train.runtime import OnnxRunner
 
     net = TransferNet(5, pretrained=True, input_size=96).eval()
     x = torch.randint(0, 256, (3, 3, 96, 96), dtype=torch.uint8)
@@ -72,12 +79,13 @@ def test_short_training_run_writes_the_report(tiny_model: Path) -> None:
 
 
 def test_export_parity_and_metadata(tiny_model: Path, tiny_data: Path) -> None:
-    meta = json.loads((tiny_model / "model_meta.json").read_text())
-    assert meta["input"]["dtype"] == "uint8" and meta["onnx_opset"] >= 17
-    assert [c["label"] for c in meta["classes"]] == ["09.Golden_Gate_Bridge", "16.Eiffel_Tower", "taj mahal"]
-    assert meta["classes"][1]["location"]["country"] == "France"
+    meta = read_meta(tiny_model)
+    session = OnnxRunner(tiny_model / "model.onnx", device="cpu").session
+    assert session.get_inputs()[0].type == "tensor(uint8)" and meta.onnx_opset >= 17
+    assert [c.label for c in meta.classes] == ["09.Golden_Gate_Bridge", "16.Eiffel_Tower", "taj mahal"]
+    assert meta.classes[1].location.country == "France"
     for backend in ("torchscript", "onnx"):
-        assert meta["parity"][backend]["top1_agrees"] and meta["parity"][backend]["max_abs_prob_diff"] <= 1e-4
+        assert meta.parity[backend]["top1_agrees"] and meta.parity[backend]["max_abs_prob_diff"] <= 1e-4
     assert not (tiny_model / "model.onnx.data").exists()  # one self-contained file
     photos = sorted(p for p in (tiny_data / "test").rglob("*") if p.is_file())
     ts, ort = Predictor.from_dir(tiny_model, "torchscript"), Predictor.from_dir(tiny_model, "onnx")
@@ -124,7 +132,7 @@ def test_cli_errors_are_clear(tmp_path: Path, tiny_model: Path) -> None:
                            str(tmp_path / "o"), flag, value)
         assert wrong.returncode == 2 and flag in wrong.stderr and not (tmp_path / "o").exists()
     (tmp_path / "note.txt").write_text("not a photo")
-    bad = run_module("train.predict", "--model-dir", str(tiny_model), str(tmp_path / "note.txt"))
+    bad = run_module("landmark.predict", "--model-dir", str(tiny_model), str(tmp_path / "note.txt"))
     assert bad.returncode == 1 and "not an image" in bad.stderr
     no_export = run_module("train.export", "--run-dir", str(tmp_path))
     assert no_export.returncode != 0 and "best.pt not found" in no_export.stderr
@@ -154,8 +162,8 @@ def test_transfer_recipe_runs_end_to_end(tiny_data: Path, tmp_path: Path) -> Non
     assert json.loads((tmp_path / "metrics.json").read_text())["test_accuracy"] > 0.5
     exported = run_module("train.export", "--run-dir", str(tmp_path))
     assert exported.returncode == 0, exported.stderr[-3000:]
-    meta = json.loads((tmp_path / "model_meta.json").read_text())
-    assert meta["model_args"]["input_size"] == 64 and meta["parity"]["onnx"]["top1_agrees"]
+    meta = read_meta(tmp_path)
+    assert meta.preprocess.input_size == 64 and meta.parity["onnx"]["top1_agrees"]
 
 
 def test_streamed_fine_tuning_trains_all_but_the_frozen_stem(tiny_data: Path, tmp_path: Path) -> None:

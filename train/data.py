@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from train.preprocess import ImageError, PreprocessConfig, center_crop, decode, resize_shorter
+from landmark.preprocess import ImageError, PreprocessConfig, center_crop, decode, resize_shorter
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -95,7 +95,7 @@ class PhotoDataset(torch.utils.data.Dataset):
     """Photos decoded once and kept at the eval resize (``resize_size`` shorter side).
 
     The eval view is then a centre crop of the cached image, bit-identical to
-    ``train.preprocess.load_input`` on the file; augmented views start from the same image.
+    ``landmark.preprocess.load_input`` on the file; augmented views start from the same image.
     """
 
     def __init__(self, samples: list[Sample], cfg: PreprocessConfig, augment: v2.Transform | None = None,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from train.cli import positive_float
+from landmark.cli import positive_float
 
 UDACITY_URL = "https://udacity-dlnfd.s3-us-west-1.amazonaws.com/datasets/landmark_images.zip"
 

@@ -4,7 +4,6 @@ by validation loss, early stopping, and resume from an atomically written ``last
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from collections.abc import Iterable
@@ -16,14 +15,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-BEST, LAST, LOG = "best.pt", "last.pt", "log.jsonl"
-
-
-def atomic_save(obj: object, path: Path) -> None:
-    """Write beside, then rename: an interrupted run never leaves half a checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+from landmark import atomic
+from landmark.meta import ModelRecord
+from landmark.run_files import BEST, LAST, LOG, load_checkpoint_file, save_checkpoint
 
 
 def seed_everything(seed: int) -> None:
@@ -83,7 +77,7 @@ def run_epoch(module: nn.Module, loader: Iterable, device: torch.device, criteri
 class Run:
     """A training run in ``out_dir``: the net, its rebuild record, history and checkpoints."""
 
-    def __init__(self, net: nn.Module, record: dict, out_dir: Path, device: torch.device,
+    def __init__(self, net: nn.Module, record: ModelRecord, out_dir: Path, device: torch.device,
                  label_smoothing: float = 0.1) -> None:
         self.net, self.record, self.out_dir, self.device = net, record, out_dir, device
         self.train_criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -98,7 +92,7 @@ class Run:
         path = self.out_dir / LAST
         if not path.is_file():
             return False
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        _, state = load_checkpoint_file(path)
         self.net.load_state_dict(state["net"])
         self.history, self.best_val_loss, self.done = state["history"], state["best_val_loss"], state["done"]
         self.resume_state = state
@@ -106,11 +100,11 @@ class Run:
         return True
 
     def _checkpoint(self, stage: Stage, epoch: int, bad_epochs: int) -> None:
-        atomic_save({**self.record, "net": self.net.state_dict(), "stage": stage.name, "epoch": epoch,
-                     "bad_epochs": bad_epochs, "optimizer": stage.optimizer.state_dict(),
-                     "scheduler": stage.scheduler.state_dict(), "history": self.history,
-                     "best_val_loss": self.best_val_loss, "done": self.done,
-                     "rng": torch.get_rng_state(), "py_rng": random.getstate()}, self.out_dir / LAST)
+        save_checkpoint(self.out_dir / LAST, self.record, self.net.state_dict(), stage=stage.name, epoch=epoch,
+                        bad_epochs=bad_epochs, optimizer=stage.optimizer.state_dict(),
+                        scheduler=stage.scheduler.state_dict(), history=self.history,
+                        best_val_loss=self.best_val_loss, done=self.done,
+                        rng=torch.get_rng_state(), py_rng=random.getstate())
 
     def fit(self, stage: Stage) -> None:
         """Train one stage to its epoch budget or until val loss stops improving."""
@@ -141,7 +135,7 @@ class Run:
                 bad_epochs = 0
                 if va["loss"] is not None:
                     self.best_val_loss = va["loss"]
-                atomic_save({**self.record, "net": self.net.state_dict()}, self.out_dir / BEST)
+                save_checkpoint(self.out_dir / BEST, self.record, self.net.state_dict())
             else:
                 bad_epochs += 1
             self._checkpoint(stage, epoch, bad_epochs)
@@ -156,10 +150,7 @@ class Run:
     def _write_log(self) -> None:
         """log.jsonl is rewritten from the checkpointed history, so a killed run never leaves a
         line for an epoch that ``--resume`` will train again."""
-        tmp = self.out_dir / (LOG + ".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history), encoding="utf-8")
-        os.replace(tmp, self.out_dir / LOG)
+        atomic.write_text(self.out_dir / LOG, "".join(json.dumps(row) + "\n" for row in self.history))
 
     def load_best(self) -> None:
-        best = torch.load(self.out_dir / BEST, map_location="cpu", weights_only=False)
-        self.net.load_state_dict(best["net"])
+        self.net.load_state_dict(load_checkpoint_file(self.out_dir / BEST)[1]["net"])

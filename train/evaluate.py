@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -14,6 +13,9 @@ import torch
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 
+from landmark import atomic
+from landmark.meta import ModelRecord
+from landmark.run_files import CONFUSION, CURVES, METRICS
 from train.data import PhotoDataset
 from train.engine import Run
 
@@ -35,17 +37,10 @@ def predict_logits(net: torch.nn.Module, ds: PhotoDataset, device: torch.device)
     return torch.cat([net(x.to(device)).float().cpu() for x, _ in DataLoader(ds, batch_size=32)]).numpy()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _save(fig: Figure, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
 
 
 def _plot_curves(history: list[dict], path: Path) -> None:
@@ -81,30 +76,31 @@ def _plot_confusion(cm: np.ndarray, names: list[str], path: Path) -> None:
     _save(fig, path)
 
 
-def evaluate_test(net: torch.nn.Module, record: dict, test_ds: PhotoDataset,
+def evaluate_test(net: torch.nn.Module, record: ModelRecord, test_ds: PhotoDataset,
                   device: torch.device) -> tuple[dict, np.ndarray]:
     """Top-1, top-5 and per-class test accuracy of ``net``, and its confusion matrix."""
     logits = predict_logits(net, test_ds, device)
     y = test_ds.labels.numpy()
-    n = len(record["classes"])
+    n = len(record.classes)
     top5 = np.argsort(-logits, axis=1)[:, : min(5, n)]
     pred = top5[:, 0]
     cm = np.zeros((n, n), dtype=np.int64)
     np.add.at(cm, (y, pred), 1)
-    per_class = {c["label"]: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None)
-                 for i, c in enumerate(record["classes"])}
+    per_class = {c.label: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None)
+                 for i, c in enumerate(record.classes)}
     metrics = {
-        "arch": record["arch"],
+        "arch": record.arch,
+        "recipe": record.recipe,
         "test_accuracy": float((pred == y).mean()),
         "test_top5": float((top5 == y[:, None]).any(1).mean()),
         "n_test": len(y),
         "per_class_accuracy": per_class,
-        "class_names": [c["name"] for c in record["classes"]],
+        "class_names": [c.name for c in record.classes],
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "data_dir": record["data_dir"],
-        "dataset_fingerprint": record["data_fingerprint"],
-        "preprocess": record["preprocess"],
+        "data_dir": record.data_dir,
+        "dataset_fingerprint": record.data_fingerprint,
+        "preprocess": record.preprocess.to_dict(),
         "git_commit": git_commit(),
         "torch": torch.__version__,
     }
@@ -113,8 +109,8 @@ def evaluate_test(net: torch.nn.Module, record: dict, test_ds: PhotoDataset,
 
 def write_metrics(out_dir: Path, metrics: dict, cm: np.ndarray) -> None:
     """metrics.json and confusion.png, each written atomically."""
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    _plot_confusion(cm, metrics["class_names"], out_dir / "confusion.png")
+    atomic.write_text(out_dir / METRICS, json.dumps(metrics, indent=2) + "\n")
+    _plot_confusion(cm, metrics["class_names"], out_dir / CONFUSION)
 
 
 def write_report(run: Run, test_ds: PhotoDataset, train_seconds: float) -> dict:
@@ -125,5 +121,5 @@ def write_report(run: Run, test_ds: PhotoDataset, train_seconds: float) -> dict:
     metrics.update(epochs=len(run.history), best_val_loss=best_val_loss,
                    seconds=round(train_seconds + time.perf_counter() - t0, 1))
     write_metrics(run.out_dir, metrics, cm)
-    _plot_curves(run.history, run.out_dir / "curves.png")
+    _plot_curves(run.history, run.out_dir / CURVES)
     return metrics

@@ -21,32 +21,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.cli import positive_float, positive_int
+from landmark.cli import positive_float, positive_int
+from landmark.labels import softmax
+from landmark.meta import ModelMeta, ModelRecord, write_meta_file
+from landmark.preprocess import load_input
+from landmark.run_files import META, METRICS, MODEL_FILES, read_checkpoint
+from landmark.runtime import INPUT_NAME, OUTPUT_NAME, load_runner
 from train.data import find_classes, list_samples
-from train.engine import BEST
-from train.labels import softmax
 from train.nets import build
 from train.onnx_graph import optimize
-from train.preprocess import PreprocessConfig, load_input
-from train.runtime import INPUT_NAME, META_FILE, MODEL_FILES, OUTPUT_NAME, load_runner
 
 ONNX_OPSET = 17
 
 
-def read_checkpoint(run_dir: Path) -> dict:
-    """A run's best checkpoint: its weights plus the record (arch, model_args, classes, preprocess)."""
-    path = run_dir / BEST
-    if not path.is_file():
-        raise SystemExit(f"{path} not found: train first (python -m train.train ... --out {run_dir})")
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def load_checkpoint(run_dir: Path) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the network from the constructor record stored beside its weights."""
-    ckpt = read_checkpoint(run_dir)
-    net = build(ckpt["arch"], **ckpt["model_args"])
-    net.load_state_dict(ckpt["net"])
-    return net.eval(), ckpt
+def load_checkpoint(run_dir: Path) -> tuple[torch.nn.Module, ModelRecord]:
+    """Rebuild the network from the record stored beside its weights."""
+    record, state = read_checkpoint(run_dir)
+    net = build(record)
+    net.load_state_dict(state["net"])
+    return net.eval(), record
 
 
 def export_torchscript(net: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -109,9 +102,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
-    net, ckpt = load_checkpoint(args.run_dir)
-    cfg = PreprocessConfig.from_dict(ckpt["preprocess"])
-    data_dir = args.data_dir or Path(ckpt["data_dir"])
+    net, record = load_checkpoint(args.run_dir)
+    cfg = record.preprocess
+    data_dir = args.data_dir or Path(record.data_dir)
     if not (data_dir / "test").is_dir():
         raise SystemExit(f"{data_dir}/test not found: pass --data-dir with real photos for the parity check")
     batch = np.stack([load_input(p, cfg) for p in parity_images(data_dir, args.parity_images)])
@@ -122,28 +115,17 @@ def main(args: argparse.Namespace) -> int:
         export_torchscript(net, example, staged["torchscript"])
         staged["onnx"].write_bytes(export_onnx(net, example))
         parity = check_parity(net, staged, batch, args.atol)
-        metrics_path = args.run_dir / "metrics.json"
+        metrics_path = args.run_dir / METRICS
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-        meta = {
-            "model_version": args.model_version,
-            "arch": ckpt["arch"],
-            "model_args": ckpt["model_args"],
-            "preprocess": cfg.to_dict(),
-            "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW",
-                      "shape": ["batch", 3, cfg.input_size, cfg.input_size]},
-            "output": {"name": OUTPUT_NAME, "kind": "logits"},
-            "classes": ckpt["classes"],
-            "metrics": {k: metrics.get(k) for k in ("test_accuracy", "test_top5", "n_test", "dataset_fingerprint")},
-            "parity": parity,
-            "files": {path.name: sha256(path) for path in staged.values()},
-            "onnx_opset": ONNX_OPSET,
-            "torch": torch.__version__,
-            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        (Path(tmp) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        for name in [*MODEL_FILES.values(), META_FILE]:
+        meta = ModelMeta(
+            model=record, model_version=args.model_version, outputs=(OUTPUT_NAME,),
+            metrics={k: metrics.get(k) for k in ("test_accuracy", "test_top5", "n_test")}, parity=parity,
+            files={path.name: sha256(path) for path in staged.values()}, onnx_opset=ONNX_OPSET,
+            torch=torch.__version__, exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        write_meta_file(Path(tmp) / META, meta)
+        for name in [*MODEL_FILES.values(), META]:
             os.replace(Path(tmp) / name, args.run_dir / name)
-    print(f"exported {', '.join(MODEL_FILES.values())}, {META_FILE} to {args.run_dir}; parity on "
+    print(f"exported {', '.join(MODEL_FILES.values())}, {META} to {args.run_dir}; parity on "
           f"{parity['n_images']} photos: " + ", ".join(f"{b} max|dp|={parity[b]['max_abs_prob_diff']:.1e}"
                                                          for b in MODEL_FILES))
     return 0

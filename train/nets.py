@@ -1,7 +1,8 @@
 """The two networks. Both take uint8 (or 0..255 float) NCHW crops and normalise inside the
 graph, so exported TorchScript/ONNX models need no preprocessing knowledge beyond resize+crop.
 
-A checkpoint stores ``arch`` plus the constructor kwargs; ``build`` rebuilds the same module.
+A checkpoint stores a ``landmark.meta.ModelRecord`` (arch, the arch's own constructor arguments,
+classes, preprocessing); ``build`` rebuilds the same module from it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import math
 
 import torch
 from torch import nn
+
+from landmark.meta import ModelRecord
 
 IMAGENET_LITE_MEAN = (0.5, 0.5, 0.5)  # the EfficientNet-Lite weights expect [-1, 1] inputs
 IMAGENET_LITE_STD = (0.5, 0.5, 0.5)
@@ -62,6 +65,7 @@ class ScratchCNN(nn.Module):
         num_classes: int,
         mean: tuple[float, ...],
         std: tuple[float, ...],
+        input_size: int = 64,  # every arch takes the record's shared arguments; this net is size-agnostic
         widths: tuple[int, ...] = (32, 64, 128, 256),
         depths: tuple[int, ...] = (1, 1, 1, 1),
         dropout: float = 0.3,
@@ -207,9 +211,9 @@ class Ensemble(nn.Module):
     probabilities, returned as log-probabilities so that every consumer's softmax reads exactly
     that mean. ``members`` holds each one's (arch, model_args) record, so ``build`` rebuilds it."""
 
-    def __init__(self, members: list[dict]) -> None:
+    def __init__(self, members: list[dict], **shared: object) -> None:
         super().__init__()
-        self.members = nn.ModuleList(build(m["arch"], **m["model_args"]) for m in members)
+        self.members = nn.ModuleList(build_arch(m["arch"], m["model_args"], shared) for m in members)
         self.log_count = math.log(len(members))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -220,8 +224,13 @@ class Ensemble(nn.Module):
 ARCHS = {"scratch": ScratchCNN, "transfer": TransferNet, "ensemble": Ensemble}
 
 
-def build(arch: str, **model_args) -> nn.Module:
-    """Rebuild a network from the (arch, kwargs) a checkpoint stores."""
+def build_arch(arch: str, model_args: dict, shared: dict, pretrained: bool = False) -> nn.Module:
+    """One network from its arch, its own arguments and the record's shared ones (classes, input)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: expected one of {sorted(ARCHS)}")
-    return ARCHS[arch](**model_args)
+    return ARCHS[arch](**model_args, **shared, **({"pretrained": True} if pretrained else {}))
+
+
+def build(record: ModelRecord, pretrained: bool = False) -> nn.Module:
+    """Rebuild the network a checkpoint's record describes (``pretrained``: load the ImageNet weights)."""
+    return build_arch(record.arch, record.model_args, record.shared_args(), pretrained)

@@ -20,12 +20,12 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from landmark.runtime import OnnxRunner
 from train.data import PhotoDataset
 from train.engine import Stage
 from train.export import export_onnx
 from train.nets import ScratchCNN, TransferNet
 from train.optim import make_optimizer, param_groups, warmup_cosine
-from train.runtime import OnnxRunner
 
 
 def _loader(ds: torch.utils.data.Dataset, batch_size: int, shuffle: bool, seed: int,

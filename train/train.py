@@ -1,7 +1,9 @@
 """Train the scratch CNN or the transfer network on a landmark photo folder.
 
-  python -m train.train --arch transfer --data-dir ../shared/data/indian_monuments49 --out artifacts/transfer
-Writes best.pt / last.pt (resumable with --resume), log.jsonl, metrics.json, curves.png and
+  python -m train.train --recipe transfer --data-dir ../shared/data/indian_monuments49 --out artifacts/transfer
+A recipe (``recipes/<name>.yaml``, or a path to such a file) sets the defaults; any flag overrides
+them; ``--arch scratch|transfer`` alone means the recipe of that name. Writes best.pt / last.pt
+(resumable with --resume), log.jsonl, metrics.json (naming the recipe), curves.png and
 confusion.png to --out. ``python -m train.export --run-dir <out>`` then exports the model.
 """
 
@@ -11,26 +13,29 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from PIL import Image
 
-from train.cli import fraction_below_half, non_negative_int, positive_int
+from landmark.cli import fraction_below_half, non_negative_int, positive_int
+from landmark.labels import build_classes
+from landmark.meta import ModelRecord
+from landmark.preprocess import ImageError, PreprocessConfig
+from landmark.run_files import LAST
 from train.data import DataSplits, PhotoDataset, train_augment
 from train.engine import Run, pick_device, seed_everything
 from train.evaluate import write_report
-from train.labels import build_classes
 from train.nets import IMAGENET_LITE_MEAN, IMAGENET_LITE_STD, build
-from train.preprocess import ImageError, PreprocessConfig
 from train.stages import scratch_stages, transfer_stages
 
-RECIPES = {  # per-arch defaults; every one can be overridden on the command line
-    "scratch": {"epochs": 60, "lr": 2e-3, "batch_size": 32, "weight_decay": 0.2, "patience": 10,
-                "min_scale": 0.8},
-    "transfer": {"epochs": 4, "lr": 2e-3, "batch_size": 64, "weight_decay": 0.01, "patience": 4,
-                 "input_size": 224, "min_scale": 0.75},
-}
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+class UsageError(Exception):
+    """Bad arguments or data found before anything is written: one line on stderr, exit 2."""
 
 
 def _auto_or_fraction(value: str) -> str | float:
@@ -38,13 +43,14 @@ def _auto_or_fraction(value: str) -> str | float:
         return value
     try:
         return fraction_below_half(value)
-    except argparse.ArgumentTypeError:  # say that 'auto' is allowed too, as before
+    except argparse.ArgumentTypeError:  # say that 'auto' is allowed too
         raise argparse.ArgumentTypeError(f"expected 'auto' or a fraction in [0, 0.5), got {value!r}") from None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=sorted(RECIPES), required=True)
+    p.add_argument("--recipe", help=f"a recipe name in {RECIPES_DIR.name}/ or a .yaml path (default: the --arch's)")
+    p.add_argument("--arch", choices=["scratch", "transfer"])
     p.add_argument("--data-dir", type=Path, required=True, help="folder with train/<class>/ and test/<class>/")
     p.add_argument("--out", type=Path, required=True, help="output folder of this run")
     p.add_argument("--input-size", default=None,
@@ -90,6 +96,49 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def load_recipe(name: str, parser: argparse.ArgumentParser) -> dict[str, object]:
+    """A recipe file's settings as parser defaults. Values go in as strings, so every flag's own type
+    checks them as it checks the command line (booleans stay booleans: they are switches)."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else RECIPES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        parser.error(f"recipe {name!r} not found ({path}); known recipes: {known}")
+    settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    dests = {a.dest: a for a in parser._actions}
+    defaults: dict[str, object] = {"recipe": path.stem}
+    for key, value in settings.items():
+        dest = str(key).replace("-", "_")
+        if dest not in dests or dest in ("recipe", "data_dir", "out", "resume"):
+            parser.error(f"recipe {path}: {key!r} is not a training setting")
+        defaults[dest] = value if isinstance(value, bool) else str(value)
+    return defaults
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = get_args_parser()
+    first, _ = parser.parse_known_args(argv)
+    name = first.recipe or first.arch
+    if name is None:
+        parser.error("give --recipe NAME (recipes/*.yaml) or --arch scratch|transfer")
+    parser.set_defaults(**load_recipe(name, parser))
+    args = parser.parse_args(argv)
+    if args.arch is None:
+        parser.error(f"recipe {args.recipe!r} names no arch")
+    least_epochs = 0 if args.arch == "transfer" else 1  # transfer with 0: the linear head only
+    if args.epochs is None or args.epochs < least_epochs:
+        parser.error(f"--epochs {args.epochs}: {args.arch} needs at least {least_epochs}")
+    return args
+
+
+@dataclass
+class Data:
+    splits: DataSplits
+    cfg: PreprocessConfig
+    train: PhotoDataset
+    val: PhotoDataset
+    test: PhotoDataset
+
+
 def _median_short_side(splits: DataSplits) -> float:
     """Over ~200 training photos, headers only; an unreadable one is left to PhotoDataset's clear error."""
     shorts = []
@@ -107,78 +156,83 @@ def _channel_stats(ds: PhotoDataset) -> tuple[tuple[float, ...], tuple[float, ..
     return tuple(round(v, 4) for v in x.mean((0, 2, 3)).tolist()), tuple(round(v, 4) for v in x.std((0, 2, 3)).tolist())
 
 
+def load_data(args: argparse.Namespace) -> Data:
+    """Splits, the preprocessing that follows the photos (input size, crop policy), and every photo
+    decoded before training, so an unreadable one fails in seconds rather than after an epoch."""
+    try:
+        splits = DataSplits.load(args.data_dir, args.val_fraction, args.seed)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    short = _median_short_side(splits)
+    size = int(min(224, max(64, round(short / 32) * 32))) if args.input_size in (None, "auto") else int(args.input_size)
+    if args.translate == "auto":  # thumbnails: zooming in shows a scale the test never has (docs/experiments.md)
+        args.translate = 0.125 if short <= size else 0.0
+    cfg = PreprocessConfig(size, round(size / args.crop_fraction), IMAGENET_LITE_MEAN, IMAGENET_LITE_STD)
+    crops = f"shifted by <= {args.translate:.1%}" if args.translate else f"random-resized >= {args.min_scale:.0%}"
+    print(f"{args.data_dir}: {len(splits.classes)} classes, {len(splits.train)} train / {len(splits.val)} val / "
+          f"{len(splits.test)} test, input {cfg.input_size} px (resize {cfg.resize_size}), crops {crops}")
+    try:
+        train_ds = PhotoDataset(splits.train, cfg, train_augment(cfg, (args.min_scale, 1.0), args.translate),
+                                "decode train")
+        val_ds = PhotoDataset(splits.val, cfg, desc="decode val")
+        test_ds = PhotoDataset(splits.test, cfg, desc="decode test")
+    except ImageError as e:
+        raise UsageError(str(e)) from e
+    if args.arch == "scratch":  # normalised by the data's own statistics, measured on held-out photos
+        mean, std = _channel_stats(val_ds if len(val_ds) else train_ds)
+        cfg = PreprocessConfig(cfg.input_size, cfg.resize_size, mean, std)  # the crops stay the same
+    return Data(splits, cfg, train_ds, val_ds, test_ds)
+
+
+def model_record(args: argparse.Namespace, data: Data) -> ModelRecord:
+    if args.arch == "scratch":
+        model_args = {"dropout": args.dropout, "widths": [int(w) for w in args.widths.split(",")],
+                      "depths": [int(d) for d in args.depths.split(",")]}
+    else:
+        model_args = {"backbone": args.backbone, "drop_path": args.drop_path}
+    return ModelRecord(args.arch, model_args, data.cfg, build_classes(data.splits.classes, args.data_dir),
+                       data.splits.fingerprint(), str(args.data_dir), args.recipe,
+                       {k: str(v) for k, v in vars(args).items()})
+
+
+def start_run(args: argparse.Namespace, record: ModelRecord, device: torch.device) -> Run:
+    """The network (ImageNet weights for transfer) and its run folder, resumed or new."""
+    if (args.out / LAST).exists() and not args.resume:
+        raise UsageError(f"{args.out} holds a previous run: pass --resume to continue it, or use another --out")
+    net = build(record, pretrained=args.arch == "transfer").to(device)
+    args.out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails its checks leaves nothing
+    run = Run(net, record, args.out, device, args.label_smoothing)
+    if args.resume:
+        run.resume()
+    return run
+
+
+def fit(run: Run, data: Data, args: argparse.Namespace) -> None:
+    stages = (scratch_stages(run.net, data.train, data.val, args) if args.arch == "scratch"
+              else transfer_stages(run.net, data.train, data.val, args, run.device))
+    for stage in stages:
+        run.fit(stage)
+
+
 def main(args: argparse.Namespace) -> int:
-    for key, value in RECIPES[args.arch].items():
-        if getattr(args, key.replace("-", "_"), None) is None:
-            setattr(args, key, value)
-    least_epochs = 0 if args.arch == "transfer" else 1  # transfer with 0: the linear head only
-    if args.epochs < least_epochs:
-        print(f"error: --epochs {args.epochs}: {args.arch} needs at least {least_epochs}", file=sys.stderr)
-        return 2
     seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     t0 = time.perf_counter()
-
     try:
-        splits = DataSplits.load(args.data_dir, args.val_fraction, args.seed)
-    except (OSError, ValueError) as e:
+        data = load_data(args)
+        run = start_run(args, model_record(args, data), device)
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    short = _median_short_side(splits)
-    size = int(min(224, max(64, round(short / 32) * 32))) if args.input_size in (None, "auto") else int(args.input_size)
-    if args.translate == "auto":  # thumbnails: zooming in shows a scale the test never has (README)
-        args.translate = 0.125 if short <= size else 0.0
-    mean, std = IMAGENET_LITE_MEAN, IMAGENET_LITE_STD
-    cfg = PreprocessConfig(size, round(size / args.crop_fraction), mean, std)
-    crops = f"shifted by <= {args.translate:.1%}" if args.translate else f"random-resized >= {args.min_scale:.0%}"
-    print(f"{args.data_dir}: {len(splits.classes)} classes, {len(splits.train)} train / {len(splits.val)} val / "
-          f"{len(splits.test)} test, input {cfg.input_size} px (resize {cfg.resize_size}), crops {crops}, "
-          f"device {device}")
-    augment = train_augment(cfg, (args.min_scale, 1.0), args.translate)
-    try:  # every photo is decoded before training, so an unreadable one fails in seconds, not after it
-        train_ds = PhotoDataset(splits.train, cfg, augment, "decode train")
-        val_ds = PhotoDataset(splits.val, cfg, desc="decode val")
-        test_ds = PhotoDataset(splits.test, cfg, desc="decode test")
-    except ImageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    if args.arch == "scratch":
-        mean, std = _channel_stats(val_ds if len(val_ds) else train_ds)
-        cfg = PreprocessConfig(cfg.input_size, cfg.resize_size, mean, std)
-        model_args = {"num_classes": len(splits.classes), "mean": mean, "std": std, "dropout": args.dropout,
-                      "widths": tuple(int(w) for w in args.widths.split(",")),
-                      "depths": tuple(int(d) for d in args.depths.split(","))}
-    else:
-        model_args = {"num_classes": len(splits.classes), "mean": mean, "std": std, "backbone": args.backbone,
-                      "input_size": cfg.input_size, "drop_path": args.drop_path}
-    net = build(args.arch, **model_args, **({"pretrained": True} if args.arch == "transfer" else {}))
-    net.to(device)
-    record = {"arch": args.arch, "model_args": model_args, "preprocess": cfg.to_dict(),
-              "classes": build_classes(splits.classes, args.data_dir), "data_fingerprint": splits.fingerprint(),
-              "data_dir": str(args.data_dir), "args": {k: str(v) for k, v in vars(args).items()}}
-
-    args.out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails its checks leaves nothing
-    run = Run(net, record, args.out, device, args.label_smoothing)
-    if args.resume:
-        run.resume()
-    elif (args.out / "last.pt").exists():
-        print(f"{args.out} holds a previous run: pass --resume to continue it, or use another --out",
-              file=sys.stderr)
-        return 2
-    stages = (scratch_stages(net, train_ds, val_ds, args) if args.arch == "scratch"
-              else transfer_stages(net, train_ds, val_ds, args, device))
-    for stage in stages:
-        run.fit(stage)
-    train_seconds = time.perf_counter() - t0
-
-    metrics = write_report(run, test_ds, train_seconds)
+    print(f"recipe {args.recipe}, {args.arch}, device {device} -> {args.out}")
+    fit(run, data, args)
+    metrics = write_report(run, data.test, time.perf_counter() - t0)
     print(f"test accuracy {metrics['test_accuracy']:.4f}  top-5 {metrics['test_top5']:.4f}  "
           f"n={metrics['n_test']}  {metrics['seconds']:.0f}s  -> {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(main(parse_args()))

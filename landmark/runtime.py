@@ -1,29 +1,18 @@
 """Run an exported landmark model, TorchScript or ONNX, chosen by file extension.
 
-Every runner takes the same input (uint8 NCHW crops from ``train.preprocess``) and returns
+Every runner takes the same input (uint8 NCHW crops from ``landmark.preprocess``) and returns
 float32 logits, so handler, predictor and benchmarks swap backends without other changes.
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-META_FILE = "model_meta.json"
-MODEL_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
-
-
-def read_meta(model_dir: Path) -> dict:
-    """The metadata written by ``train.export``: preprocessing, classes, version, metrics."""
-    path = Path(model_dir) / META_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `make export` on a training output first")
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _cuda_driver_present() -> bool:

@@ -1,7 +1,7 @@
 """Photo -> top-k landmarks with locations, from an exported model folder.
 
 The TorchServe handler wraps this same class, so served and offline answers cannot drift.
-Usage: python -m train.predict --model-dir artifacts/transfer photo.jpg [photo2.png ...]
+Usage: python -m landmark.predict --model-dir artifacts/transfer photo.jpg [photo2.png ...]
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from train.labels import softmax, top_k
-from train.preprocess import DEFAULT_MAX_PIXELS, ImageError, PreprocessConfig, load_input
-from train.runtime import MODEL_FILES, load_runner, read_meta
+from landmark.labels import softmax, top_k
+from landmark.preprocess import DEFAULT_MAX_PIXELS, ImageError, PreprocessConfig, load_input
+from landmark.run_files import MODEL_FILES, model_file, read_meta
+from landmark.runtime import load_runner
 
 
 class Predictor:
@@ -26,14 +27,14 @@ class Predictor:
     ) -> None:
         model_path = Path(model_path)
         self.meta = read_meta(model_path.parent)
-        self.cfg = PreprocessConfig.from_dict(self.meta["preprocess"])
-        self.classes: list[dict] = self.meta["classes"]
+        self.cfg: PreprocessConfig = self.meta.preprocess
+        self.classes = self.meta.classes
         self.max_pixels = max_pixels
         self.runner = load_runner(model_path, device=device, threads=threads)
 
     @classmethod
     def from_dir(cls, model_dir: Path, backend: str = "onnx", **kwargs) -> Predictor:
-        return cls(Path(model_dir) / MODEL_FILES[backend], **kwargs)
+        return cls(model_file(model_dir, backend), **kwargs)
 
     def preprocess(self, data: bytes | Path | str) -> np.ndarray:
         """One photo -> uint8 CHW crop; raises ImageError for anything that is not a photo."""

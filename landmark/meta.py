@@ -1,0 +1,157 @@
+"""The typed records a model carries: ``ModelRecord`` (what rebuilds the network; stored in every
+checkpoint) and ``ModelMeta`` (``model_meta.json`` beside the exported files), each fact once.
+
+Like timm's pretrained config, one record is read by every consumer: training, export, the
+handler, the predictor, the tagger and the benchmarks. Files carry ``schema_version``; files that
+earlier code wrote without one (version 1) are converted on reading, and any other version is
+refused with a message that names it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from landmark import atomic
+from landmark.preprocess import PreprocessConfig
+
+SCHEMA_VERSION = 2
+# constructor arguments every network takes from the record's classes and preprocessing, never from
+# model_args (version 1 files stored them in both places)
+SHARED_ARGS = ("num_classes", "mean", "std", "input_size")
+
+
+class SchemaError(ValueError):
+    """A record of a schema version this code cannot read."""
+
+
+@dataclass(frozen=True)
+class Location:
+    lat: float
+    lon: float
+    country: str | None = None
+    place: str | None = None
+
+
+@dataclass(frozen=True)
+class LandmarkClass:
+    """One network output: the data set's folder name, its display name, and where it is (if known)."""
+
+    label: str
+    name: str
+    location: Location | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LandmarkClass:
+        loc = d.get("location")
+        return cls(d["label"], d["name"], Location(**loc) if loc else None)
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """Everything that rebuilds a trained network and names its outputs; a checkpoint stores it
+    beside the weights and the metadata copies it. ``model_args`` holds only the arch's own
+    constructor arguments (widths, backbone, ensemble members, ...); class count, input size and
+    normalisation are derived from ``classes`` and ``preprocess``."""
+
+    arch: str
+    model_args: dict[str, Any]
+    preprocess: PreprocessConfig
+    classes: tuple[LandmarkClass, ...]
+    data_fingerprint: str | None = None
+    data_dir: str | None = None
+    recipe: str | None = None
+    train_args: dict[str, str] = field(default_factory=dict)
+
+    def shared_args(self) -> dict[str, Any]:
+        cfg = self.preprocess
+        return {"num_classes": len(self.classes), "mean": cfg.mean, "std": cfg.std, "input_size": cfg.input_size}
+
+    def to_dict(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelRecord:
+        d = _upgrade(d, "model record")
+        return cls(d["arch"], d["model_args"], PreprocessConfig.from_dict(d["preprocess"]),
+                   tuple(LandmarkClass.from_dict(c) for c in d["classes"]), d.get("data_fingerprint"),
+                   d.get("data_dir"), d.get("recipe"), dict(d.get("train_args") or {}))
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """``model_meta.json``: the record plus what export measured and wrote."""
+
+    model: ModelRecord
+    model_version: str
+    outputs: tuple[str, ...]  # output names of model.onnx / model.ts, in order
+    metrics: dict[str, Any]  # test accuracy of the run, copied from metrics.json
+    parity: dict[str, Any]  # eager vs each exported file
+    files: dict[str, str]  # file name -> sha256
+    onnx_opset: int
+    torch: str
+    exported_at: str
+    open_set: dict[str, Any] | None = None  # the fitted unknown-place decision, where there is one
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return self.model.preprocess
+
+    @property
+    def classes(self) -> tuple[LandmarkClass, ...]:
+        return self.model.classes
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["model"] = self.model.to_dict()
+        return {"schema_version": SCHEMA_VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelMeta:
+        d = _upgrade(d, "model metadata")
+        return cls(ModelRecord.from_dict(d["model"]), d["model_version"], tuple(d["outputs"]), d["metrics"],
+                   d["parity"], d["files"], d["onnx_opset"], d["torch"], d["exported_at"], d.get("open_set"))
+
+    def with_open_set(self, open_set: dict) -> ModelMeta:
+        return replace(self, open_set=open_set)
+
+
+def _strip_shared(model_args: dict) -> dict:
+    args = {k: v for k, v in model_args.items() if k not in SHARED_ARGS}
+    if "members" in args:
+        args["members"] = [{"arch": m["arch"], "model_args": _strip_shared(m["model_args"])} for m in args["members"]]
+    return args
+
+
+def _upgrade(d: dict, what: str) -> dict:
+    """Version 1 (no ``schema_version``: flat metadata, shared arguments repeated) -> version 2."""
+    version = d.get("schema_version", 1)
+    if version == SCHEMA_VERSION:
+        return d
+    if version != 1:
+        raise SchemaError(f"{what} has schema_version {version!r}; this code reads versions 1 and {SCHEMA_VERSION}")
+    model = {"arch": d["arch"], "model_args": _strip_shared(d["model_args"]), "preprocess": d["preprocess"],
+             "classes": d["classes"], "data_fingerprint": d.get("data_fingerprint"), "data_dir": d.get("data_dir"),
+             "train_args": d.get("args") or {}}
+    if what == "model record":
+        return model
+    return {"model": {**model, "data_fingerprint": (d.get("metrics") or {}).get("dataset_fingerprint")},
+            "model_version": d["model_version"], "outputs": [d["output"]["name"]], "metrics": d["metrics"],
+            "parity": d["parity"], "files": d["files"], "onnx_opset": d["onnx_opset"], "torch": d["torch"],
+            "exported_at": d["exported_at"]}
+
+
+def read_meta_file(path: Path) -> ModelMeta:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `make export` on a training output first")
+    try:
+        return ModelMeta.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except SchemaError as e:
+        raise SchemaError(f"{path}: {e}") from None
+
+
+def write_meta_file(path: Path, meta: ModelMeta) -> None:
+    atomic.write_text(path, json.dumps(meta.to_dict(), indent=2) + "\n")
