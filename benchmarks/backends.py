@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from landmark.run_files import BEST, model_file
-from landmark.runtime import load_runner
+from landmark.runtime import Outputs, load_runner
 
 BACKENDS = ("eager", "torchscript", "onnx-cpu", "onnx-cuda", "torchscript-cuda")
 ORT_CUDA = "CUDAExecutionProvider"
@@ -27,7 +27,7 @@ def _noop() -> None:
 @dataclass
 class Backend:
     name: str
-    run: Callable[[np.ndarray], np.ndarray]  # uint8 NCHW -> float32 logits (numpy, on the host)
+    run: Callable[[np.ndarray], Outputs]  # uint8 NCHW -> logits (+ embedding), numpy on the host
     device: str
     providers: list[str]
     sync: Callable[[], None] = _noop  # waits for queued device work (CUDA)
@@ -48,9 +48,9 @@ def _eager(model_dir: Path, threads: int) -> Backend:
     _need(model_dir / BEST)
     net, _ = load_checkpoint(model_dir)
 
-    def run(batch: np.ndarray) -> np.ndarray:
+    def run(batch: np.ndarray) -> Outputs:
         with torch.inference_mode():
-            return net(torch.from_numpy(batch)).float().numpy()
+            return Outputs(*(t.float().numpy() for t in net.forward_embed(torch.from_numpy(batch))))
 
     return Backend("eager", run, "cpu", ["pytorch-eager"])
 

@@ -112,7 +112,7 @@ def measure(spec: dict) -> tuple[dict, np.ndarray | None]:
             "images_per_s": batch_size / (stats["mean_ms"] / 1e3),
             "peak_rss_mb": _mb(_peak_rss()), "peak_rss_delta_mb": _mb(_peak_rss() - baseline), **gpu.report(),
         })
-        probs = softmax(backend.run(batch))
+        probs = softmax(backend.run(batch).logits)
     return result, probs
 
 

@@ -1,6 +1,7 @@
 """Build ``<store>/<name>.mar`` from an exported model folder with torch-model-archiver.
 
-The archive holds the handler, one network (model.onnx or model.ts), model_meta.json, a
+The archive holds the handler, one network (model.onnx or model.ts), model_meta.json, the fitted
+open-set decision (open_set.npz), a
 model-config.yaml (batching, handler threads and pixel limit) and the whole ``landmark`` inference
 package, so the one preprocessing definition travels with the model and no file list can go stale.
 No photos. The result is byte-reproducible (fixed manifest time, sorted entries, fixed zip
@@ -24,7 +25,7 @@ from pathlib import Path
 import landmark
 from landmark.cli import non_negative_int, positive_int
 from landmark.preprocess import DEFAULT_MAX_PIXELS
-from landmark.run_files import META, MODEL_FILES
+from landmark.run_files import META, MODEL_FILES, OPEN_SET, read_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 HANDLER = Path(__file__).with_name("landmark_handler.py")
@@ -56,6 +57,8 @@ def stage(model_dir: Path, backend: str, work: Path, config_text: str) -> Path:
     extra = work / "extra"
     shutil.copytree(PACKAGE, extra / PACKAGE.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copyfile(model_dir / META, extra / META)
+    if read_meta(model_dir).open_set is not None:  # the fitted open-set decision (derived numbers, no photos)
+        shutil.copyfile(model_dir / OPEN_SET, extra / OPEN_SET)
     (work / "model-config.yaml").write_text(config_text, encoding="utf-8")
     return extra
 
@@ -77,6 +80,8 @@ def build(model_dir: Path, backend: str, name: str, version: str, store: Path, f
     model_dir, store = Path(model_dir), Path(store)
     model_file = model_dir / MODEL_FILES[backend]
     missing = [p.name for p in (model_file, model_dir / META) if not p.is_file()]
+    if not missing and read_meta(model_dir).open_set is not None and not (model_dir / OPEN_SET).is_file():
+        missing.append(OPEN_SET)
     if missing:
         raise FileNotFoundError(f"{model_dir} lacks {', '.join(missing)}: run `make export OUT={model_dir}` first")
     target = store / f"{name}.mar"

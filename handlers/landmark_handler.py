@@ -1,4 +1,4 @@
-"""TorchServe handler: photo -> top-k landmarks with locations.
+"""TorchServe handler: photo -> the landmark it shows (or "no landmark I know"), with top-k and locations.
 
 It wraps ``landmark.predict.Predictor`` (staged into the archive beside this file), so served and
 offline answers come from the same decode, crop, network and softmax. It subclasses BaseHandler,
@@ -23,14 +23,15 @@ import numpy as np
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from landmark.cli import positive_int
-from landmark.predict import Predictor
+from landmark.cli import positive_int, precision
+from landmark.predict import Predictor, rows
 from landmark.preprocess import DEFAULT_MAX_PIXELS, ImageError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOPK = 5
 TOPK_PARAM, TOPK_HEADER = "topk", "x-topk"
+PRECISION_PARAM, PRECISION_HEADER = "min_precision", "x-min-precision"
 IMAGE_FIELDS = ("body", "data", "file", "image", "img", "photo", "b64", "instances")  # preferred request fields
 _BASE64 = re.compile(rb"[A-Za-z0-9+/=_\-\s]+")
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,")
@@ -60,7 +61,8 @@ def _b64(text: str | bytes) -> bytes:
 
 def image_bytes(item: dict) -> bytes:
     """The photo of one request: raw body, multipart field, base64 text, or JSON {"data": base64}."""
-    fields = [k for k in IMAGE_FIELDS if k in item] + [k for k in item if k not in IMAGE_FIELDS and k != TOPK_PARAM]
+    settings = (TOPK_PARAM, PRECISION_PARAM)
+    fields = [k for k in IMAGE_FIELDS if k in item] + [k for k in item if k not in IMAGE_FIELDS and k not in settings]
     if not fields:
         raise ImageError("no image in the request: send the photo as the body, a form field or base64 JSON")
     value = item[fields[0]]
@@ -82,13 +84,13 @@ def image_bytes(item: dict) -> bytes:
     return value
 
 
-def requested_topk(item: dict, headers: dict) -> str | None:
-    """k as sent: a query/form field ``topk`` (TorchServe passes the query string only on /invocations and
-    /<model>/predict, not on /predictions), a ``"topk"`` key of a JSON body, or the X-Topk header."""
-    json_body = next((v for v in item.values() if isinstance(v, dict) and TOPK_PARAM in v), {})
-    value = item.get(TOPK_PARAM, json_body.get(TOPK_PARAM))
+def requested(item: dict, headers: dict, param: str, header: str) -> str | None:
+    """A request setting as sent: a query/form field (TorchServe passes the query string only on
+    /invocations and /<model>/predict, not on /predictions), a key of a JSON body, or a header."""
+    json_body = next((v for v in item.values() if isinstance(v, dict) and param in v), {})
+    value = item.get(param, json_body.get(param))
     if value is None:
-        return next((v for k, v in headers.items() if k.lower() == TOPK_HEADER and isinstance(v, str)), None)
+        return next((v for k, v in headers.items() if k.lower() == header and isinstance(v, str)), None)
     return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
 
 
@@ -103,6 +105,16 @@ def parse_topk(raw: str | None, n_classes: int) -> int:
     if not 1 <= k <= n_classes:
         raise ValueError(f"topk must be in 1..{n_classes}, got {k}")
     return k
+
+
+def parse_min_precision(raw: str | None) -> float | None:
+    """The operating point asked for, in (0, 1], else ValueError (answered with 400); absent: the model's."""
+    if raw is None:
+        return None
+    try:
+        return precision(raw.strip())
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"min_precision: {e}") from None
 
 
 class LandmarkHandler(BaseHandler):
@@ -128,13 +140,15 @@ class LandmarkHandler(BaseHandler):
                     model_file.name, self.predictor.runner.device, self.predictor.runner.providers,
                     self.n_classes, threads, max_pixels)
 
-    def _prepare(self, idx: int, item: dict) -> tuple[np.ndarray, int]:
-        """(crop, k) for one request item; ImageError / ValueError for a bad photo / topk."""
+    def _prepare(self, idx: int, item: dict) -> tuple[np.ndarray, int, float | None]:
+        """(crop, k, min_precision) for one request item; ImageError for a bad photo or setting."""
+        headers = self.context.get_all_request_header(idx) or {}
         try:
-            k = parse_topk(requested_topk(item, self.context.get_all_request_header(idx) or {}), self.n_classes)
+            k = parse_topk(requested(item, headers, TOPK_PARAM, TOPK_HEADER), self.n_classes)
+            min_precision = parse_min_precision(requested(item, headers, PRECISION_PARAM, PRECISION_HEADER))
         except ValueError as e:
             raise ImageError(str(e)) from e
-        return self.predictor.preprocess(image_bytes(item)), k
+        return self.predictor.preprocess(image_bytes(item)), k, min_precision
 
     def preprocess(self, data: list[dict]) -> dict:
         """Decode and check every item; a bad one gets its 400 here and is left out of the batch."""
@@ -142,8 +156,7 @@ class LandmarkHandler(BaseHandler):
         for idx, item in enumerate(data):
             self.context.set_response_content_type(idx, "application/json")
             try:
-                crop, k = self._prepare(idx, item)
-                good.append((idx, crop, k))
+                good.append((idx, *self._prepare(idx, item)))
             except ImageError as e:
                 self.context.set_response_status(400, "Bad Request", idx)
                 errors[idx] = str(e)
@@ -152,14 +165,15 @@ class LandmarkHandler(BaseHandler):
 
     def inference(self, batch: dict) -> dict:
         """One network call for all good items of the batch."""
-        crops = [crop for _, crop, _ in batch["good"]]
-        batch["probs"] = self.predictor.probabilities(np.stack(crops)) if crops else []
+        crops = [crop for _, crop, _, _ in batch["good"]]
+        batch["outputs"] = rows(self.predictor.outputs(np.stack(crops))) if crops else []
         return batch
 
     def postprocess(self, batch: dict) -> list[str]:
-        """Top-k JSON per good item, ``{"error": ...}`` per bad one, in request order."""
+        """The answer JSON per good item (``landmark.predict.answer``), ``{"error": ...}`` per bad one,
+        in request order."""
         responses = [json.dumps({"error": msg}) for msg in batch["errors"].values()]
         out = dict(zip(batch["errors"], responses, strict=True))
-        for (idx, _, k), p in zip(batch["good"], batch["probs"], strict=True):
-            out[idx] = json.dumps(self.predictor.top_k(p, k))
+        for (idx, _, k, min_precision), row in zip(batch["good"], batch["outputs"], strict=True):
+            out[idx] = json.dumps(self.predictor.answer(row, k, min_precision))
         return [out[i] for i in range(batch["size"])]

@@ -1,7 +1,7 @@
 """Argument types shared by the package's command lines, so a bad value is a usage error (exit 2,
 one line) in every one of them instead of a traceback, a silent remap, or an artefact that only
-fails later (an archive whose worker cannot start). The served handler checks its settings with
-them too, which is why this file travels in the model archive."""
+fails later (an archive whose worker cannot start). The served handler checks its settings and
+per-request values with them too."""
 
 from __future__ import annotations
 
@@ -45,4 +45,12 @@ def fraction_below_half(value: str) -> float:
     number = _float(value)
     if not 0 <= number < 0.5:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 0.5), got {value!r}")
+    return number
+
+
+def precision(value: str) -> float:
+    """A target precision of the open-set operating point: in (0, 1]."""
+    number = _float(value)
+    if not 0 < number <= 1:
+        raise argparse.ArgumentTypeError(f"expected a precision in (0, 1], got {value!r}")
     return number

@@ -12,6 +12,7 @@ from landmark.meta import ModelMeta, ModelRecord, read_meta_file
 BEST, LAST, LOG = "best.pt", "last.pt", "log.jsonl"
 METRICS, CURVES, CONFUSION = "metrics.json", "curves.png", "confusion.png"
 META = "model_meta.json"
+OPEN_SET = "open_set.npz"  # the fitted open-set decision (landmark.open_set), beside the model files
 MODEL_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}  # backend -> exported file
 
 

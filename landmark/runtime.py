@@ -1,7 +1,8 @@
 """Run an exported landmark model, TorchScript or ONNX, chosen by file extension.
 
-Every runner takes the same input (uint8 NCHW crops from ``landmark.preprocess``) and returns
-float32 logits, so handler, predictor and benchmarks swap backends without other changes.
+Every runner takes the same input (uint8 NCHW crops from ``landmark.preprocess``) and returns the
+same ``Outputs`` (float32 logits, and the pooled embedding where the export has it), so handler,
+predictor and benchmarks swap backends without other changes.
 """
 
 from __future__ import annotations
@@ -9,10 +10,21 @@ from __future__ import annotations
 import ctypes
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("logits", "embedding")  # in this order in model.onnx and model.ts
+
+
+class Outputs(NamedTuple):
+    logits: np.ndarray
+    embedding: np.ndarray | None  # None for a model exported before embeddings were
+
+
+def _outputs(values: list[np.ndarray]) -> Outputs:
+    return Outputs(values[0].astype(np.float32, copy=False), values[1] if len(values) > 1 else None)
 
 
 def _cuda_driver_present() -> bool:
@@ -43,15 +55,19 @@ class OnnxRunner:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
                                             providers=providers)
-        self.output_name = self.session.get_outputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
         self.providers = self.session.get_providers()
         self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
         if device == "cuda" and self.device != "cuda":
             why = "" if _cuda_driver_present() else " (no CUDA driver: libcuda.so.1 not found)"
             raise RuntimeError(f"CUDA requested but ONNX Runtime runs on {self.providers}{why}")
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {INPUT_NAME: batch})[0]
+    def run_all(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Every output of the graph, in its order (also for graphs that are not a landmark model)."""
+        return self.session.run(self.output_names, {INPUT_NAME: batch})
+
+    def __call__(self, batch: np.ndarray) -> Outputs:
+        return _outputs(self.run_all(batch))
 
 
 class TorchScriptRunner:
@@ -73,10 +89,10 @@ class TorchScriptRunner:
             self.module = torch.jit.load(str(path), map_location=self.device).eval()
         self._torch = torch
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: np.ndarray) -> Outputs:
         with self._torch.inference_mode():
-            x = self._torch.from_numpy(batch).to(self.device)
-            return self.module(x).float().cpu().numpy()
+            out = self.module(self._torch.from_numpy(batch).to(self.device))
+            return _outputs([t.float().cpu().numpy() for t in (out if isinstance(out, tuple) else (out,))])
 
 
 RUNNERS = {".onnx": OnnxRunner, ".ts": TorchScriptRunner, ".pt": TorchScriptRunner}

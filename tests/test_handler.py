@@ -19,7 +19,7 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from handlers.archive import build
-from handlers.landmark_handler import parse_topk, requested_topk
+from handlers.landmark_handler import TOPK_HEADER, TOPK_PARAM, parse_topk, requested
 from landmark.predict import Predictor
 
 
@@ -63,18 +63,24 @@ def test_batch_matches_predictor_and_isolates_bad_items(unpacked: tuple[Path, st
     assert handler.predictor.runner.backend == backend and handler.predictor.runner.device == "cpu"
     photos = [jpeg_bytes(i) for i in range(3)]
     items = [{"body": bytearray(photos[0])}, {"body": bytearray(b"\x89PNG broken")}, {"data": bytearray(photos[1])},
-             {"body": bytearray(photos[2])}, {"body": bytearray(photos[2])}]
-    headers = [{}, {}, {}, {"X-Topk": "1"}, {"x-topk": "0"}]
+             {"body": bytearray(photos[2])}, {"body": bytearray(photos[2])}, {"body": bytearray(photos[2])},
+             {"body": bytearray(photos[2]), "min_precision": bytearray(b"0.5")}]
+    headers = [{}, {}, {}, {"X-Topk": "1"}, {"x-topk": "0"}, {"X-Min-Precision": "1.5"}, {}]
     out = run_batch(handler, context, items, headers)
     statuses = [context.get_response_status(i)[0] for i in range(len(items))]
-    assert statuses == [200, 400, 200, 200, 400]
+    assert statuses == [200, 400, 200, 200, 400, 400, 200]
     assert all(context.get_response_content_type(i) == "application/json" for i in range(len(items)))
     assert "not an image" in json.loads(out[1])["error"] and "topk" in json.loads(out[4])["error"]
-    offline = Predictor.from_dir(tiny_model, backend, device="cpu", threads=1).predict(photos, 3)
+    assert "min_precision" in json.loads(out[5])["error"]
+    predictor = Predictor.from_dir(tiny_model, backend, device="cpu", threads=1)
+    offline = predictor.predict(photos, 3)
     served = [json.loads(out[i]) for i in (0, 2, 3)]
-    for got, want in zip(served, [offline[0], offline[1], offline[2][:1]], strict=True):
-        assert [p["label"] for p in got] == [p["label"] for p in want]
-        assert np.allclose([p["probability"] for p in got], [p["probability"] for p in want], atol=2e-6)
+    for got, want in zip(served, [offline[0], offline[1], predictor.predict(photos[2:], 1)[0]], strict=True):
+        assert [p["label"] for p in got["top_k"]] == [p["label"] for p in want["top_k"]]
+        assert np.allclose([p["probability"] for p in got["top_k"]], [p["probability"] for p in want["top_k"]],
+                           atol=2e-6)
+        assert got["landmark"] == want["landmark"] and got["reason"] == want["reason"]
+    assert json.loads(out[6])["operating_point"]["min_precision"] == 0.5
 
 
 def test_handler_settings_from_env(unpacked: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -95,6 +101,8 @@ def test_topk_parsing() -> None:
     for bad in ("0", "14", "x", "1.5", ""):
         with pytest.raises(ValueError, match="topk"):
             parse_topk(bad, 13)
-    assert requested_topk({"topk": bytearray(b"3")}, {"X-Topk": "1"}) == "3"  # query/form beats the header
-    assert requested_topk({"body": {"data": "...", "topk": 2}}, {}) == "2"
-    assert requested_topk({"body": b""}, {"X-TOPK": "4", "body": {"content-type": "image/png"}}) == "4"
+    # a query/form field beats the header
+    assert requested({"topk": bytearray(b"3")}, {"X-Topk": "1"}, TOPK_PARAM, TOPK_HEADER) == "3"
+    assert requested({"body": {"data": "...", "topk": 2}}, {}, TOPK_PARAM, TOPK_HEADER) == "2"
+    assert requested({"body": b""}, {"X-TOPK": "4", "body": {"content-type": "image/png"}}, TOPK_PARAM,
+                     TOPK_HEADER) == "4"

@@ -110,7 +110,7 @@ def test_archive_is_reproducible_and_self_contained(tiny_model: Path, tmp_path: 
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
     package = {f"landmark/{p.relative_to(PACKAGE).as_posix()}" for p in PACKAGE.rglob("*")
                if p.is_file() and "__pycache__" not in p.parts}
-    assert package | {"landmark_handler.py", "model.onnx", "model_meta.json",
+    assert package | {"landmark_handler.py", "model.onnx", "model_meta.json", "open_set.npz",
                       "model-config.yaml"} == names - {"MAR-INF/MANIFEST.json"}
     assert manifest["model"] == {"modelName": "m", "serializedFile": "model.onnx", "handler": "landmark_handler.py",
                                  "modelVersion": "2.1", "configFile": "model-config.yaml"}
@@ -137,7 +137,7 @@ sys.path[:] = [{str(unpacked)!r}, *site.getsitepackages()] + [p for p in sys.pat
 import landmark_handler
 from landmark.predict import Predictor
 predictor = Predictor({str(unpacked / "model.onnx")!r}, device="cpu")
-print(predictor.predict([{str(photo)!r}], 1)[0][0]["label"])
+print(predictor.predict([{str(photo)!r}], 1)[0]["top_k"][0]["label"])
 files = {{name: getattr(m, "__file__", None) or "" for name, m in sys.modules.items()}}
 outside = sorted(n for n, f in files.items() if f.startswith({str(ROOT)!r}) and "site-packages" not in f)
 print("outside:", outside)

@@ -42,9 +42,10 @@ def test_served_top1_equals_offline_on_real_test_photos(shared_data: Path, tmp_p
                 r = requests.post(server.url(name), data=path.read_bytes(), timeout=60,
                                   headers={**server.headers(), "Content-Type": "image/jpeg", "X-Topk": "1"})
                 assert r.status_code == 200, (path, r.text)
-                served = r.json()[0]["label"]
-                same += served == predictor.predict([path], 1)[0][0]["label"]
-                correct += served == path.parent.name
+                served, offline = r.json(), predictor.predict([path], 1)[0]
+                same += served["top_k"][0]["label"] == offline["top_k"][0]["label"] and (
+                    served["landmark"] == offline["landmark"])
+                correct += served["top_k"][0]["label"] == path.parent.name
             per_photo = (time.perf_counter() - t0) / len(photos)
             accuracy = f"{correct / len(photos):.3f}" if path.parent.name in labels else "n/a (other classes)"
             print(f"{backend}: served top-1 == offline on {same}/{len(photos)} photos; served accuracy {accuracy}; "

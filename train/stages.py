@@ -130,9 +130,9 @@ def _trunk_runner(net: TransferNet, cut: int, input_size: int, device: torch.dev
     trunk = _Trunk(net, cut).eval()
     if device.type != "cpu":
         return lambda x: trunk(x.to(device))
-    model = export_onnx(trunk, torch.zeros(2, 3, input_size, input_size, dtype=torch.uint8), output_name="acts")
+    model = export_onnx(trunk, torch.zeros(2, 3, input_size, input_size, dtype=torch.uint8), ("acts",))
     runner = OnnxRunner(model, device="cpu", threads=torch.get_num_threads())
-    return lambda x: torch.from_numpy(runner(x.numpy()))
+    return lambda x: torch.from_numpy(runner.run_all(x.numpy())[0])
 
 
 @torch.no_grad()
