@@ -1,12 +1,14 @@
 """Batch tagger: GPS EXIF of the recognised landmark, written into copies of photos.
 
 For every JPEG/PNG/WebP under SRC (recursively) it asks the served model (or a local exported
-model with --local) for the top landmarks. A photo without GPS whose top-1 probability reaches
---min-probability is copied to DST (same relative path) with GPSLatitude/Longitude and the landmark
-name in ImageDescription; originals are never written. DST/tag_report.{json,csv} list every photo
-and double as the resume state: a rerun skips photos whose size and mtime are unchanged.
+model with --local) for its answer. A photo without GPS that the model's open-set decision tags (a
+known landmark at the operating point: the model's stored target precision, or --min-precision) is
+copied to DST (same relative path) with GPSLatitude/Longitude and the landmark name in
+ImageDescription; originals are never written. DST/tag_report.{json,csv} list every photo with the
+reason for each one left untagged, and double as the resume state: a rerun skips photos whose size
+and mtime are unchanged.
 
-Usage: python -m app.tag --src photos --dst tagged [--local artifacts/transfer] [--min-probability 0.5]
+Usage: python -m app.tag --src photos --dst tagged [--local artifacts/transfer] [--min-precision 0.99]
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -36,32 +37,20 @@ from app.client import (
     unreachable,
 )
 from app.exif import SUPPORTED_FORMATS, has_gps, with_gps
-from landmark.cli import non_negative_int, positive_float
+from landmark import atomic
+from landmark.cli import non_negative_int, positive_float, precision
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp"}
 REPORT_JSON, REPORT_CSV = "tag_report.json", "tag_report.csv"
-CSV_FIELDS = ["path", "landmark", "name", "probability", "lat", "lon", "place", "country", "action", "output",
-              "error"]
+CSV_FIELDS = ["path", "action", "reason", "landmark", "name", "probability", "confidence", "lat", "lon", "place",
+              "country", "output", "error"]
 SAVE_EVERY = 25  # photos between state saves: an interrupted run loses at most this much work
 
-Predict = Callable[[bytes], list[dict]]
+Predict = Callable[[bytes], dict]  # photo bytes -> the model's answer (landmark.predict.answer)
 
 
 class Abort(Exception):
     """The run cannot go on (server gone, bad arguments): a message and a non-zero exit."""
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, then os.replace: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def find_photos(src: Path, dst: Path) -> list[str]:
@@ -79,11 +68,13 @@ def signature(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def local_predictor(model_dir: Path, backend: str, device: str, threads: int) -> tuple[Predict, set[str]]:
+def local_predictor(model_dir: Path, backend: str, device: str, threads: int,
+                    min_precision: float | None) -> tuple[Predict, set[str]]:
     from landmark.predict import Predictor
 
     predictor = Predictor.from_dir(model_dir, backend, device=device, threads=threads)
-    return (lambda data: predictor.predict([data])[0]), {c.label for c in predictor.classes}
+    labels = {c.label for c in predictor.classes}
+    return (lambda data: predictor.predict([data], min_precision=min_precision)[0]), labels
 
 
 def served_predictor(target: ServeTarget, timeout: float) -> Predict:
@@ -103,32 +94,53 @@ def served_predictor(target: ServeTarget, timeout: float) -> Predict:
     return predict
 
 
-def tag_one(rel: str, src: Path, dst: Path, predict: Predict, args: argparse.Namespace) -> dict:
+@dataclass(frozen=True)
+class TagPolicy:
+    """Which photos get the model's location. The model decides "known landmark" at its operating
+    point (landmark.open_set); the policy adds what only the file can tell."""
+
+    overwrite_gps: bool = False
+
+    def action(self, answer: dict, has_gps: bool, fmt: str | None) -> tuple[str, str]:
+        """(action, reason): ``tagged`` with an empty reason, or why not."""
+        landmark = answer["landmark"]
+        if has_gps and not self.overwrite_gps:
+            return "untagged", "already has GPS"
+        if landmark is None:
+            return "untagged", answer["reason"]
+        if not landmark.get("location"):
+            return "untagged", "no location known for this landmark"
+        if fmt not in SUPPORTED_FORMATS:
+            return "untagged", f"cannot write EXIF into {fmt}"
+        return "tagged", ""
+
+
+def describe(answer: dict) -> dict:
+    """The report columns of a model answer: its top-1 known class (tagged or not) and confidence."""
+    top = answer["top_k"][0]
+    location = top.get("location") or {}
+    return {"landmark": top["label"], "name": top["name"], "probability": top["probability"],
+            "confidence": answer["confidence"], "lat": location.get("lat"), "lon": location.get("lon"),
+            "place": location.get("place"), "country": location.get("country"),
+            "top_k": [[p["label"], p["probability"]] for p in answer["top_k"]]}
+
+
+def tag_one(rel: str, src: Path, dst: Path, predict: Predict, policy: TagPolicy) -> dict:
     """One photo -> its report record; the tagged copy is written here. Raises Abort only."""
     source = src / rel
     record: dict = {**dict.fromkeys(CSV_FIELDS), "path": rel, "source": signature(source), "action": "error",
-                    "output": "", "error": "", "top_k": []}
+                    "reason": "", "output": "", "error": "", "top_k": []}
     try:
         data = source.read_bytes()
         with Image.open(io.BytesIO(data)) as img:
             fmt, exif = img.format, img.getexif()
-        predictions = predict(data)
-        top = predictions[0]
-        location = top.get("location") or {}
-        record.update(landmark=top["label"], name=top["name"], probability=top["probability"],
-                      lat=location.get("lat"), lon=location.get("lon"), place=location.get("place"),
-                      country=location.get("country"), top_k=[[p["label"], p["probability"]] for p in predictions])
-        if has_gps(exif) and not args.overwrite_gps:
-            record["action"] = "kept-gps"
-        elif top["probability"] < args.min_probability:
-            record["action"] = "below-threshold"
-        elif not location:
-            record["action"] = "no-location"
-        elif fmt not in SUPPORTED_FORMATS:
-            record["action"] = "unsupported-format"
-        else:
-            atomic_write(dst / rel, with_gps(data, location["lat"], location["lon"], top["name"]))
-            record.update(action="tagged", output=rel)
+        answer = predict(data)
+        record.update(describe(answer))
+        record["action"], record["reason"] = policy.action(answer, has_gps(exif), fmt)
+        if record["action"] == "tagged":
+            location = answer["landmark"]["location"]
+            atomic.write_bytes(dst / rel, with_gps(data, location["lat"], location["lon"], answer["landmark"]["name"]))
+            record["output"] = rel
     except ServeError as e:
         if e.status == 503:
             raise Abort(e.message) from e
@@ -164,6 +176,7 @@ def summarise(records: list[dict], labels: set[str], src_name: str) -> dict:
     graded = [r for r in records if r.get("landmark") and folder(r) in labels]
     correct = sum(r["landmark"] == folder(r) for r in graded)
     return {"photos": len(records), "actions": dict(Counter(r["action"] for r in records)),
+            "untagged": dict(Counter(r["reason"] for r in records if r["action"] == "untagged")),
             "graded": len(graded), "correct": correct,
             "accuracy": round(correct / len(graded), 6) if graded else None}
 
@@ -172,12 +185,12 @@ def save_report(dst: Path, settings: dict, records: dict[str, dict], labels: set
     rows = [records[k] for k in sorted(records)]
     summary = summarise(rows, labels, src_name)
     report = {"settings": settings, "summary": summary, "photos": rows}
-    atomic_write(dst / REPORT_JSON, json.dumps(report, indent=1).encode("utf-8"))
+    atomic.write_text(dst / REPORT_JSON, json.dumps(report, indent=1))
     text = io.StringIO()
     writer = csv.DictWriter(text, CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(dst / REPORT_CSV, text.getvalue().encode("utf-8"))
+    atomic.write_text(dst / REPORT_CSV, text.getvalue())
     return summary
 
 
@@ -186,7 +199,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 description="Write GPS EXIF of the recognised landmark into copies of photos.")
     p.add_argument("--src", type=Path, required=True, help="folder of photos (searched recursively, never modified)")
     p.add_argument("--dst", type=Path, required=True, help="folder for tagged copies and tag_report.{json,csv}")
-    p.add_argument("--min-probability", type=float, default=0.5, help="top-1 probability needed to tag a photo")
+    p.add_argument("--min-precision", type=precision,
+                   help="operating point: tag where the model's validation tags reached this precision "
+                        "(default: the model's stored one, e.g. 0.99)")
     p.add_argument("--overwrite-gps", action="store_true", help="also tag photos that already have GPS EXIF")
     p.add_argument("--local", type=Path, metavar="MODEL_DIR", help="use this exported model folder, not TorchServe")
     p.add_argument("--backend", choices=["onnx", "torchscript"], default="onnx", help="with --local")
@@ -206,18 +221,17 @@ def run(args: argparse.Namespace) -> dict:
     src, dst = args.src, args.dst
     if not src.is_dir():
         raise Abort(f"source folder not found: {src}")
-    if not 0.0 <= args.min_probability <= 1.0:
-        raise Abort(f"--min-probability must be in [0, 1], got {args.min_probability}")
     if dst.resolve() == src.resolve():
         raise Abort("--dst must differ from --src: originals are never modified")
     photos = find_photos(src, dst)
     if args.local:
-        predict, labels = local_predictor(args.local, args.backend, args.device, args.threads)
+        predict, labels = local_predictor(args.local, args.backend, args.device, args.threads, args.min_precision)
         model = f"local:{args.local.resolve()}:{args.backend}"
     else:
         target = ServeTarget(url=args.inference_url or default_url(), model=args.model, key_file=args.key_file)
         predict, labels, model = served_predictor(target, args.timeout), set(), f"{target.predict_url}"
-    settings = {"model": model, "min_probability": args.min_probability, "overwrite_gps": args.overwrite_gps}
+    settings = {"model": model, "min_precision": args.min_precision, "overwrite_gps": args.overwrite_gps}
+    policy = TagPolicy(args.overwrite_gps)
     dst.mkdir(parents=True, exist_ok=True)
     previous = load_state(dst, settings)
     records = {p: previous[p] for p in photos if p in previous and is_done(previous[p], src, dst)}
@@ -229,7 +243,7 @@ def run(args: argparse.Namespace) -> dict:
 
     try:
         for i, rel in enumerate(tqdm(todo, desc="tagging", unit="photo", disable=not todo), 1):
-            records[rel] = tag_one(rel, src, dst, predict, args)
+            records[rel] = tag_one(rel, src, dst, predict, policy)
             if records[rel]["error"]:
                 tqdm.write(f"skipped {rel}: {records[rel]['error']}", file=sys.stderr)
             if i % SAVE_EVERY == 0:
@@ -248,7 +262,8 @@ def main(args: argparse.Namespace) -> int:
     accuracy = summary["accuracy"]
     acc = f"; top-1 accuracy {accuracy:.4f} on {summary['graded']} photos in class folders" if accuracy is not None \
         else ""
-    print(f"{summary['photos']} photos: {summary['actions']}{acc}. Report: {args.dst / REPORT_CSV}")
+    print(f"{summary['photos']} photos: {summary['actions']}, untagged because {summary['untagged']}{acc}. "
+          f"Report: {args.dst / REPORT_CSV}")
     return 0
 
 
