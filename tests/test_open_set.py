@@ -1,0 +1,122 @@
+"""The open-set decision on a real (small) model: EfficientNet-Lite0 with a linear head trained on
+four world_heritage13 landmarks, its decision fitted at export on the run's validation photos and
+on real everyday photos as negatives. Photos of places it does not know (indian_monuments49) come
+back "no landmark I know" offline, through the archived handler, the tagger and the evaluation
+command; its known test photos still tag; the fitted decision survives export and archive."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_module
+
+from handlers.archive import build
+from landmark.open_set import OpenSet
+from landmark.predict import Predictor
+from landmark.run_files import OPEN_SET, read_meta
+
+CLASSES = ["angkor_wat", "colosseum_rome", "petra_jordan", "taj_mahal"]
+N_TRAIN, N_NEGATIVES, N_UNKNOWN = 30, 60, 24
+
+
+def link_subset(src: Path, dst: Path, names: list[str], n: int) -> None:
+    """Symbolic links to the first n photos of each named folder: the photos stay in shared/."""
+    for name in names:
+        (dst / name).mkdir(parents=True)
+        for photo in sorted((src / name).iterdir())[:n]:
+            (dst / name / photo.name).symlink_to(photo)
+
+
+@pytest.fixture(scope="module")
+def sets(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("open_set_data")
+    wh13 = shared_data / "world_heritage13"
+    link_subset(wh13 / "train", root / "known" / "train", CLASSES, N_TRAIN)
+    link_subset(wh13 / "test", root / "known" / "test", CLASSES, 1000)
+    everyday = shared_data / "everyday"
+    kinds = sorted(p.name for p in (everyday / "train").iterdir())
+    link_subset(everyday / "train", root / "negatives", kinds, N_NEGATIVES // len(kinds) + 1)
+    im49 = shared_data / "indian_monuments49" / "test"
+    link_subset(im49, root / "unknown", sorted(p.name for p in im49.iterdir())[:N_UNKNOWN], 1)
+    return {"known": root / "known", "negatives": root / "negatives", "unknown": root / "unknown",
+            "everyday_test": everyday / "test"}
+
+
+@pytest.fixture(scope="module")
+def model(sets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("open_set_model")
+    trained = run_module("train.train", "--arch", "transfer", "--data-dir", str(sets["known"]), "--out", str(out),
+                         "--input-size", "128", "--epochs", "0", "--views", "1", "--val-fraction", "0.2",
+                         "--threads", "2")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    exported = run_module("train.export", "--run-dir", str(out), "--negatives", str(sets["negatives"]))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "open-set decision" in exported.stdout
+    return out
+
+
+def test_decision_is_fitted_exported_and_archived(model: Path, tmp_path: Path) -> None:
+    meta = read_meta(model)
+    fitted = meta.open_set
+    assert fitted["min_precision"] == 0.99 and fitted["val_negative"] > 0 and fitted["val_known"] > 0
+    assert 0 < fitted["temperature"] < 20 and fitted["val_ece_after"] <= fitted["val_ece_before"] + 1e-9
+    assert meta.outputs == ("logits", "embedding")
+    for backend in ("torchscript", "onnx"):
+        assert meta.parity[backend]["max_rel_embedding_diff"] <= 1e-3
+    with zipfile.ZipFile(build(model, "onnx", "m", "1.0", tmp_path / "store")) as z:
+        z.extract(OPEN_SET, tmp_path)
+        assert json.loads(z.read("model_meta.json"))["open_set"] == fitted
+    archived, local = OpenSet.load(tmp_path / OPEN_SET), OpenSet.load(model / OPEN_SET)
+    assert archived.temperature == local.temperature and archived.threshold() == local.threshold()
+    np.testing.assert_array_equal(archived.head["weight"], local.head["weight"])
+
+
+def test_unknown_places_are_refused_and_known_ones_tagged(model: Path, sets: dict[str, Path]) -> None:
+    predictor = Predictor.from_dir(model, "onnx", device="cpu")
+    unknown = predictor.predict(sorted(p for p in sets["unknown"].rglob("*") if p.is_file()))
+    assert len(unknown) == N_UNKNOWN
+    assert sum(a["landmark"] is not None for a in unknown) <= 1  # 24 Indian monuments it never saw
+    assert {a["reason"] for a in unknown if a["landmark"] is None} <= {"unknown place", "below operating point"}
+    known = predictor.predict(sorted((sets["known"] / "test").rglob("*.jpg")))
+    tagged = [a for a in known if a["landmark"] is not None]
+    assert len(tagged) >= len(known) // 3
+    assert all(a["landmark"] == a["top_k"][0] and a["confidence"] >= a["operating_point"]["threshold"]
+               for a in tagged)
+    looser = predictor.predict(sorted((sets["known"] / "test").rglob("*.jpg")), min_precision=0.5)
+    assert sum(a["landmark"] is not None for a in looser) >= len(tagged)
+
+
+def test_tagger_writes_no_gps_into_unknown_places(model: Path, sets: dict[str, Path], tmp_path: Path) -> None:
+    done = run_module("app.tag", "--src", str(sets["unknown"]), "--dst", str(tmp_path / "dst"), "--local", str(model),
+                      "--device", "cpu", "--threads", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "dst" / "tag_report.json").read_text())["photos"]
+    predictor = Predictor.from_dir(model, "onnx", device="cpu")
+    for r in rows:
+        answer = predictor.predict([sets["unknown"] / r["path"]])[0]
+        assert (r["action"] == "tagged") == (answer["landmark"] is not None)
+        assert r["action"] == "tagged" or r["reason"] == answer["reason"]
+    tagged = sum(r["action"] == "tagged" for r in rows)
+    copies = [p for p in (tmp_path / "dst").rglob("*") if p.is_file() and not p.name.startswith("tag_report")]
+    assert tagged <= 1 and len(copies) == tagged
+
+
+def test_evaluation_command_reports_against_the_baseline(model: Path, sets: dict[str, Path]) -> None:
+    done = run_module("train.eval_open_set", "--model-dir", str(model), "--known", str(sets["known"] / "test"),
+                      "--unknown", str(sets["unknown"]), str(sets["everyday_test"]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((model / "open_set_eval.json").read_text())
+    decision, baseline = result["decision"], result["baseline"]
+    assert set(decision["false_tags"]) == {"unknown", "everyday/test"}
+    assert decision["false_tags"]["everyday/test"] <= baseline["false_tags"]["everyday/test"]
+    assert decision["gap"] >= baseline["gap"] - 0.05 and 0 <= decision["gap"] <= 1
+    assert all(0.5 <= v <= 1 for v in decision["auroc"].values())
+    assert (model / "open_set_eval.png").stat().st_size > 0 and "| open-set decision" in (
+        model / "open_set_eval.md").read_text()
+    missing = run_module("train.eval_open_set", "--model-dir", str(model), "--known", str(sets["known"] / "test"),
+                         "--unknown", str(sets["unknown"] / "nowhere"))
+    assert missing.returncode == 2 and "folder not found" in missing.stderr
