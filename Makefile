@@ -10,9 +10,16 @@ STAMP := $(VENV)/.installed
 
 DATA_URL ?= https://udacity-dlnfd.s3-us-west-1.amazonaws.com/datasets/landmark_images.zip
 DATA_DIR ?= data/landmark_images
+# a recipe is recipes/<name>.yaml; a data set's recipe names its data folder and negatives, so DATA_DIR is
+# passed to training only when given (on the command line or in the environment)
+RECIPE ?= transfer
+GIVEN_DATA = $(if $(filter command line environment,$(origin DATA_DIR)),--data-dir "$(DATA_DIR)")
 OUT ?=
 TRAIN_ARGS ?=
-MODEL_DIR ?= artifacts/transfer
+EXPORT_ARGS ?=
+MODEL_DIR ?= artifacts/$(RECIPE)
+KNOWN ?=
+UNKNOWN ?=
 MODEL_NAME ?= landmark
 MODEL_VERSION ?= 1.0
 BACKEND ?= onnx
@@ -27,10 +34,11 @@ DST ?=
 TAG_ARGS ?=
 RUNS ?=
 
-.PHONY: help install data train-scratch train-transfer ensemble export archive serve predict stop bench app tag browser-deps test lint demo clean
+.PHONY: help install data train train-scratch train-transfer ensemble export eval-open-set archive serve predict stop \
+	bench app tag browser-deps test lint demo clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
+	@grep -E '^[a-z -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
 
 $(STAMP): requirements.txt
 	python3 -m venv $(VENV)
@@ -43,20 +51,22 @@ install: $(STAMP)  ## create .venv with the pinned dependencies
 data: $(STAMP)  ## download + extract the Udacity landmark set into data/ (DATA_URL, DATA_DIR)
 	$(PY) -m train.download --url "$(DATA_URL)" --dest "$(DATA_DIR)"
 
-train-scratch: $(STAMP)  ## train + export the from-scratch CNN (DATA_DIR, OUT)
-	$(PY) -m train.train --arch scratch --data-dir "$(DATA_DIR)" --out "$(or $(OUT),artifacts/scratch)" $(TRAIN_ARGS)
-	$(PY) -m train.export --run-dir "$(or $(OUT),artifacts/scratch)"
+train: $(STAMP)  ## train + export a recipe: RECIPE=wh13 (recipes/*.yaml; DATA_DIR, OUT=artifacts/<recipe>, TRAIN_ARGS)
+	$(PY) -m train.train --recipe $(RECIPE) $(GIVEN_DATA) --out "$(or $(OUT),artifacts/$(RECIPE))" $(TRAIN_ARGS)
+	$(PY) -m train.export --run-dir "$(or $(OUT),artifacts/$(RECIPE))" $(EXPORT_ARGS)
 
-train-transfer: $(STAMP)  ## train + export the EfficientNet-Lite transfer network (DATA_DIR, OUT)
-	$(PY) -m train.train --arch transfer --data-dir "$(DATA_DIR)" --out "$(or $(OUT),artifacts/transfer)" $(TRAIN_ARGS)
-	$(PY) -m train.export --run-dir "$(or $(OUT),artifacts/transfer)"
+train-scratch train-transfer:  ## train + export the from-scratch CNN / the transfer network on DATA_DIR
+	$(MAKE) train RECIPE=$(@:train-%=%) OUT="$(or $(OUT),artifacts/$(@:train-%=%))" DATA_DIR="$(DATA_DIR)"
 
 ensemble: $(STAMP)  ## average finished runs into one model + export (RUNS="dir1 dir2 ...", OUT)
 	$(PY) -m train.ensemble --runs $(RUNS) --out "$(or $(OUT),artifacts/ensemble)"
 	$(PY) -m train.export --run-dir "$(or $(OUT),artifacts/ensemble)"
 
-export: $(STAMP)  ## re-export a run folder to model.ts / model.onnx / model_meta.json (OUT)
-	$(PY) -m train.export --run-dir "$(or $(OUT),$(MODEL_DIR))"
+export: $(STAMP)  ## re-export a run folder: model.ts, model.onnx, open_set.npz, model_meta.json (OUT, EXPORT_ARGS)
+	$(PY) -m train.export --run-dir "$(or $(OUT),$(MODEL_DIR))" $(EXPORT_ARGS)
+
+eval-open-set: $(STAMP)  ## known vs unknown photos at the stored operating point (MODEL_DIR, KNOWN=<test dir>, UNKNOWN="<dir> ...")
+	$(PY) -m train.eval_open_set --model-dir "$(MODEL_DIR)" --known "$(KNOWN)" --unknown $(UNKNOWN)
 
 archive: $(STAMP)  ## build model_store/landmark.mar from a run folder (MODEL_DIR, BACKEND, MODEL_NAME, MODEL_VERSION)
 	$(PY) -m handlers.archive --model-dir "$(MODEL_DIR)" --backend $(BACKEND) --name $(MODEL_NAME) \
@@ -92,9 +102,13 @@ test: $(STAMP) browser-deps  ## the full test suite (what .ci/run runs)
 lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check .
 
-demo: $(STAMP)  ## the main job: data (if missing) -> train-transfer -> export -> archive -> serve -> predict
-	[ -d "$(DATA_DIR)/train" ] || $(MAKE) data
-	[ -f "$(MODEL_DIR)/model_meta.json" ] || $(MAKE) train-transfer OUT=$(MODEL_DIR)  # rm -r it to retrain
+# the generic recipes train on DATA_DIR (downloaded if missing); a data set's recipe names its own folder
+GENERIC = $(filter scratch transfer,$(RECIPE))
+
+demo: $(STAMP)  ## the main job: train + export RECIPE (if not done) -> archive -> serve -> predict
+	[ -z "$(GENERIC)" ] || [ -d "$(DATA_DIR)/train" ] || $(MAKE) data
+	[ -f "$(MODEL_DIR)/model_meta.json" ] || \
+		$(MAKE) train OUT=$(MODEL_DIR) $(if $(GENERIC),DATA_DIR="$(DATA_DIR)")  # rm -r it to retrain
 	$(MAKE) archive serve
 	$(MAKE) predict IMG="$(or $(DEMO_IMG),$(IMG))"
 	@echo "TorchServe is running: make app for the web page, make stop to stop it"

@@ -63,7 +63,7 @@ class ModelRecord:
     data_fingerprint: str | None = None
     data_dir: str | None = None
     recipe: str | None = None
-    train_args: dict[str, str] = field(default_factory=dict)
+    train_args: dict[str, Any] = field(default_factory=dict)  # the run's settings, as JSON values
 
     def shared_args(self) -> dict[str, Any]:
         cfg = self.preprocess

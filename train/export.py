@@ -138,8 +138,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-rtol", type=positive_float, default=1e-3,
                    help="largest allowed embedding difference, relative to the embedding's largest value")
     p.add_argument("--model-version", default="1.0")
-    p.add_argument("--negatives", type=Path, nargs="*", default=[],
-                   help="folders of photos that show no landmark this model knows, for the open-set decision")
+    p.add_argument("--negatives", type=Path, nargs="*",
+                   help="folders of photos that show no landmark this model knows, for the open-set decision "
+                        "(default: the run's --negatives)")
     p.add_argument("--min-precision", type=precision, default=DEFAULT_MIN_PRECISION,
                    help="the stored operating point: tag where validation tags reached this precision")
     return p
@@ -161,7 +162,9 @@ def main(args: argparse.Namespace) -> int:
         export_torchscript(exported, example, staged["torchscript"])
         staged["onnx"].write_bytes(export_onnx(exported, example))
         parity = check_parity(net, staged, batch, args.atol, args.embedding_rtol)
-        open_set = publish_open_set(staged["onnx"], record, args.negatives, args.min_precision, Path(tmp))
+        negatives = args.negatives if args.negatives is not None else [
+            Path(p) for p in record.train_args.get("negatives", [])]
+        open_set = publish_open_set(staged["onnx"], record, negatives, args.min_precision, Path(tmp))
         metrics_path = args.run_dir / METRICS
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
         meta = ModelMeta(

@@ -1,8 +1,10 @@
 """Train the scratch CNN or the transfer network on a landmark photo folder.
 
   python -m train.train --recipe transfer --data-dir ../shared/data/indian_monuments49 --out artifacts/transfer
-A recipe (``recipes/<name>.yaml``, or a path to such a file) sets the defaults; any flag overrides
-them; ``--arch scratch|transfer`` alone means the recipe of that name. Writes best.pt / last.pt
+  python -m train.train --recipe wh13 --out artifacts/wh13
+A recipe (``recipes/<name>.yaml``, or a path to such a file) sets the defaults, a data set's recipe
+also its data folder and negatives; any flag overrides them; ``--arch scratch|transfer`` alone
+means the recipe of that name. Writes best.pt / last.pt
 (resumable with --resume), log.jsonl, metrics.json (naming the recipe), curves.png and
 confusion.png to --out. ``python -m train.export --run-dir <out>`` then exports the model.
 """
@@ -51,7 +53,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", help=f"a recipe name in {RECIPES_DIR.name}/ or a .yaml path (default: the --arch's)")
     p.add_argument("--arch", choices=["scratch", "transfer"])
-    p.add_argument("--data-dir", type=Path, required=True, help="folder with train/<class>/ and test/<class>/")
+    p.add_argument("--data-dir", type=Path, help="folder with train/<class>/ and test/<class>/ (or the recipe's)")
     p.add_argument("--out", type=Path, required=True, help="output folder of this run")
     p.add_argument("--input-size", default=None,
                    help="crop side in px; 'auto' = median photo short side, clamped to 64..224")
@@ -71,6 +73,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch intra-op threads (0 = all cores)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    p.add_argument("--negatives", type=Path, nargs="*", default=[],
+                   help="folders of photos showing no landmark of this data set: export fits the open-set decision "
+                        "on them (everyday scenes, another landmark set's train/)")
     p.add_argument("--min-scale", type=float, help="RandomResizedCrop's smallest area fraction")
     p.add_argument("--translate", default="auto", type=_auto_or_fraction,
                    help="shift crops by up to this fraction of the side instead of random-resized crops; "
@@ -96,21 +101,35 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_recipe(name: str, parser: argparse.ArgumentParser) -> dict[str, object]:
-    """A recipe file's settings as parser defaults. Values go in as strings, so every flag's own type
-    checks them as it checks the command line (booleans stay booleans: they are switches)."""
+def read_recipe(name: str, parser: argparse.ArgumentParser, seen: tuple[str, ...] = ()) -> tuple[Path, dict]:
+    """A recipe file's settings, over those of the recipe it names as ``base``."""
     path = Path(name) if name.endswith((".yaml", ".yml")) else RECIPES_DIR / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
         parser.error(f"recipe {name!r} not found ({path}); known recipes: {known}")
+    if path.stem in seen:
+        parser.error(f"recipe {path}: its bases loop ({' -> '.join((*seen, path.stem))})")
     settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    dests = {a.dest: a for a in parser._actions}
+    if not isinstance(settings, dict):
+        parser.error(f"recipe {path}: expected a mapping of setting: value")
+    base = settings.pop("base", None)
+    return path, ({**read_recipe(str(base), parser, (*seen, path.stem))[1], **settings} if base else settings)
+
+
+def load_recipe(name: str, parser: argparse.ArgumentParser) -> dict[str, object]:
+    """A recipe's settings as parser defaults. Values go in as strings, so every flag's own type
+    checks them as it checks the command line (booleans stay booleans: they are switches; lists are
+    lists of folders)."""
+    path, settings = read_recipe(name, parser)
+    dests = {a.dest for a in parser._actions}
     defaults: dict[str, object] = {"recipe": path.stem}
     for key, value in settings.items():
         dest = str(key).replace("-", "_")
-        if dest not in dests or dest in ("recipe", "data_dir", "out", "resume"):
+        if dest not in dests or dest in ("recipe", "out", "resume"):
             parser.error(f"recipe {path}: {key!r} is not a training setting")
-        defaults[dest] = value if isinstance(value, bool) else str(value)
+        if isinstance(value, list):
+            value = [Path(v) for v in value]
+        defaults[dest] = value if isinstance(value, (bool, list)) else str(value)
     return defaults
 
 
@@ -124,6 +143,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.arch is None:
         parser.error(f"recipe {args.recipe!r} names no arch")
+    if args.data_dir is None:
+        parser.error(f"recipe {args.recipe!r} names no data-dir: give --data-dir")
+    args.data_dir = Path(args.data_dir)
+    missing = [str(p) for p in args.negatives if not Path(p).is_dir()]
+    if missing:  # found now, not by the export after an hour of training
+        parser.error(f"negatives folder(s) not found: {', '.join(missing)}")
     least_epochs = 0 if args.arch == "transfer" else 1  # transfer with 0: the linear head only
     if args.epochs is None or args.epochs < least_epochs:
         parser.error(f"--epochs {args.epochs}: {args.arch} needs at least {least_epochs}")
@@ -191,8 +216,15 @@ def model_record(args: argparse.Namespace, data: Data) -> ModelRecord:
     else:
         model_args = {"backbone": args.backbone, "drop_path": args.drop_path}
     return ModelRecord(args.arch, model_args, data.cfg, build_classes(data.splits.classes, args.data_dir),
-                       data.splits.fingerprint(), str(args.data_dir), args.recipe,
-                       {k: str(v) for k, v in vars(args).items()})
+                       data.splits.fingerprint(), str(args.data_dir), args.recipe, _plain(vars(args)))
+
+
+def _plain(settings: dict) -> dict:
+    """The run's settings as JSON values (paths as strings), for the record."""
+    def plain(v: object) -> object:
+        return [plain(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
+
+    return {k: plain(v) for k, v in settings.items()}
 
 
 def start_run(args: argparse.Namespace, record: ModelRecord, device: torch.device) -> Run:
