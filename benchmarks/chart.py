@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from benchmarks.report import LABELS, write_atomic
+from benchmarks.report import LABELS
+from landmark import atomic
 
 
 def _bars(ax, model: dict, key: str, ylabel: str) -> None:
@@ -93,4 +94,5 @@ def save_chart(result: dict, path: Path) -> None:
     m = result["machine"]
     fig.suptitle(f"{m['host']} · {m['cpu']} · {m['threads']['intra_op_threads']} threads · GPU: "
                  f"{m['gpu'] if m['gpu'] != 'none' else 'none'} · {result['started_at']}", fontsize=10)
-    write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)

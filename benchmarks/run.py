@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.chart import save_chart
     from benchmarks.machine import machine_info, matmul_peak_gflops
-    from benchmarks.report import render, write_json
+    from benchmarks.report import render, write_json, write_markdown
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -213,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     result["chart"] = png_path.name
     save_chart(result, png_path)
     write_json(json_path, result)
+    write_markdown(json_path, result)
     print("\n" + render(result))
-    print(f"\nwrote {json_path} and {png_path.name} in {result['seconds']:.0f} s")
+    print(f"\nwrote {json_path}, {png_path.name}, {json_path.with_suffix('.md').name} and LATEST.md in "
+          f"{result['seconds']:.0f} s")
     return 0
 
 
