@@ -32,7 +32,8 @@ function osmLink(lat, lon) {
   return `https://www.openstreetmap.org/?mlat=${la}&mlon=${lo}#map=15/${la}/${lo}`;
 }
 
-function renderPredictions(card, predictions) {
+function renderAnswer(card, answer) {
+  const predictions = answer.top_k;
   const list = card.querySelector(".predictions");
   for (const p of predictions) {
     const item = document.createElement("li");
@@ -45,12 +46,16 @@ function renderPredictions(card, predictions) {
     item.querySelector(".pct").textContent = `${pct}%`;
     list.appendChild(item);
   }
-  list.setAttribute("aria-label", `Top ${predictions.length} landmarks`);
+  list.setAttribute("aria-label", `Top ${predictions.length} known landmarks`);
   list.hidden = false;
 
   const place = card.querySelector(".place");
-  const loc = predictions[0] && predictions[0].location;
-  if (loc) {
+  const loc = answer.landmark && answer.landmark.location;
+  if (!answer.landmark) {
+    place.textContent = `Not tagged (${answer.reason}): the model's confidence ` +
+      `${(100 * answer.confidence).toFixed(1)}% is below its operating point for ` +
+      `${(100 * answer.operating_point.min_precision).toFixed(0)}% precision.`;
+  } else if (loc) {
     const where = [loc.place, loc.country].filter(Boolean).join(", ");
     const coords = `${loc.lat.toFixed(5)}, ${loc.lon.toFixed(5)}`;
     place.textContent = `Place: ${where ? where + " · " : ""}${coords} · `;
@@ -118,10 +123,17 @@ async function tag(file) {
     return;
   }
   showBanner("");
-  const top = body.predictions[0];
-  card.querySelector(".state").textContent = `Most likely ${top.name} (${(100 * top.probability).toFixed(1)}%)`;
-  img.alt = `Your photo ${file.name}, most likely ${top.name}`;
-  renderPredictions(card, body.predictions);
+  const state = card.querySelector(".state");
+  if (body.landmark) {
+    const name = body.landmark.name;
+    state.textContent = `${name} (confidence ${(100 * body.confidence).toFixed(1)}%)`;
+    img.alt = `Your photo ${file.name}: ${name}`;
+  } else {
+    state.textContent = "No landmark I know: nothing to tag";
+    card.classList.add("unknown");
+    img.alt = `Your photo ${file.name}: no landmark the model knows`;
+  }
+  renderAnswer(card, body);
 }
 
 function tagAll(files) {
