@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, SHARED_DATA, run_module, synthetic_photo
 
-from handlers.server import TorchServe
+from handlers.process import TorchServe
 from landmark.predict import Predictor
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -25,8 +25,9 @@ import requests
 from conftest import ROOT, synthetic_photo
 from PIL import Image
 
-from handlers.archive import BATCH_SIZE, MAX_BATCH_DELAY_MS, PACKAGE, build
-from handlers.server import TorchServe, config_ports, free_ports, read_properties
+from handlers.archive import PACKAGE, build
+from handlers.process import TorchServe, free_ports
+from handlers.settings import BATCH_SIZE, MAX_BATCH_DELAY_MS, config_ports, read_properties
 from landmark.predict import Predictor
 
 MODELS = {"landmark_onnx": "onnx", "landmark_ts": "torchscript"}
@@ -327,7 +328,7 @@ def test_token_required_and_management_closed(server: TorchServe, jpeg: bytes) -
     assert scale.status_code in (400, 401, 403) and scale.json()["type"] == "InvalidKeyException"
     assert server.describe("landmark_onnx")["workers"]  # still served
     old = server.headers()
-    server.renew_key()  # what headers() does once the 60-minute key has expired
+    server.keys.renew()  # what headers() does once the 60-minute key has expired
     assert server.headers() != old
     assert post(server, "landmark_onnx", jpeg).status_code == 200
     assert post(server, "landmark_onnx", jpeg, headers=old).status_code in (400, 401, 403)
