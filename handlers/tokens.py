@@ -117,7 +117,11 @@ class Keys:
                 r.raise_for_status()
             except requests.RequestException as e:
                 raise TokenError(f"could not renew the {kind} key at {self.management_url}: {e}") from e
-            return self._entry(self._read() or {}, kind)["key"]
+            new = self._entry(self._read() or {}, kind)["key"]
+            if new == current:  # the token API answers 200 with an empty body: the file is the only proof
+                raise TokenError(f"the token API at {self.management_url} left the {kind} key in {self.key_file} "
+                                 f"unchanged: {r.text.strip()[:200]}")
+            return new
 
     def send(self, post: Callable[[dict[str, str]], R], headers: dict[str, str] | None = None) -> R:
         """``post(headers + inference key)``; once more with a renewed key if TorchServe refused the key."""
