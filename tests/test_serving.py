@@ -17,6 +17,7 @@ import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import psutil
@@ -28,6 +29,7 @@ from PIL import Image
 from handlers.archive import PACKAGE, build
 from handlers.process import TorchServe, free_ports
 from handlers.settings import BATCH_SIZE, MAX_BATCH_DELAY_MS, config_ports, read_properties
+from handlers.tokens import Keys, TokenError
 from landmark.predict import Predictor
 
 MODELS = {"landmark_onnx": "onnx", "landmark_ts": "torchscript"}
@@ -167,6 +169,26 @@ def test_config_is_loopback_with_auth_on() -> None:
         assert props[key].startswith("http://127.0.0.1:")
     assert props["disable_token_authorization"] == "false" and props["enable_model_api"] == "false"
     assert set(config_ports(ROOT / "serve_config" / "config.properties").values()) == {8080, 8081, 8082, 7070, 7071}
+
+
+def test_refused_key_is_retried_with_the_files_newer_key_and_a_fixed_token_says_why_not(tmp_path: Path) -> None:
+    refusal, ok = (SimpleNamespace(status_code=400, text='{"code": 400, "type": "InvalidKeyException"}'),
+                   SimpleNamespace(status_code=200, text="[]"))
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({"inference": {"key": "old"}, "API": {"key": "api"}}))
+    sent: list[str] = []
+
+    def post(headers: dict) -> SimpleNamespace:
+        sent.append(headers["Authorization"])
+        if len(sent) > 1:
+            return ok
+        key_file.write_text(json.dumps({"inference": {"key": "new"}, "API": {"key": "api"}}))  # another client
+        return refusal
+
+    assert Keys(key_file).send(post) is ok and sent == ["Bearer old", "Bearer new"]  # no token API call
+    assert Keys(key_file).renew(stale="old") == "new"
+    with pytest.raises(TokenError, match="cannot be renewed: unset TORCHSERVE_TOKEN"):
+        Keys(key_file, "http://127.0.0.1:9", token="fixed").send(lambda h: refusal)
 
 
 # --- the served model ------------------------------------------------------------------------------
