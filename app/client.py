@@ -1,34 +1,24 @@
-"""Where the TorchServe inference API is, its token, and what its answers mean.
+"""Where the TorchServe inference API is, its key, and what its answers mean.
 
-The token is read from TorchServe's ``key_file.json`` on every request (a restarted server writes
-a new one) or taken from ``TORCHSERVE_TOKEN``; it only ever travels from this process to TorchServe.
+The key comes from TorchServe's ``key_file.json`` through ``handlers.tokens.Keys`` on every request
+(renewed there when expired or refused), or from ``TORCHSERVE_TOKEN`` (never renewed); it only
+ever travels from this process to TorchServe.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from handlers.server import DEFAULT_WORKDIR, STATE_FILE
+from handlers.settings import KEY_FILE, MODEL_NAME, server_urls
+from handlers.tokens import Keys, TokenError, refused
 
-DEFAULT_MODEL = os.environ.get("TORCHSERVE_MODEL", "landmark")
-DEFAULT_KEY_FILE = DEFAULT_WORKDIR / "key_file.json"  # where `make serve` has TorchServe write its keys
+DEFAULT_MODEL = os.environ.get("TORCHSERVE_MODEL", MODEL_NAME)
 HEADERS = {"Content-Type": "application/octet-stream"}  # raw photo bytes, never a form
-
-
-def default_url() -> str:
-    """TORCHSERVE_URL, else the inference port of the server `make serve` started, else 8080."""
-    if os.environ.get("TORCHSERVE_URL"):
-        return os.environ["TORCHSERVE_URL"]
-    try:
-        port = json.loads((DEFAULT_WORKDIR / STATE_FILE).read_text(encoding="utf-8"))["ports"]["inference"]
-    except (OSError, ValueError, KeyError, TypeError):
-        port = 8080
-    return f"http://127.0.0.1:{port}"
 
 
 class ServeError(Exception):
@@ -43,27 +33,46 @@ class ServeError(Exception):
 @dataclass(frozen=True)
 class ServeTarget:
     url: str
+    keys: Keys
     model: str = DEFAULT_MODEL
-    key_file: Path | None = DEFAULT_KEY_FILE
-    token: str | None = None
 
     @property
     def predict_url(self) -> str:
         return f"{self.url.rstrip('/')}/predictions/{self.model}"
 
     def headers(self) -> dict[str, str]:
-        token = self.token or os.environ.get("TORCHSERVE_TOKEN") or read_inference_key(self.key_file)
-        return {**HEADERS, "Authorization": f"Bearer {token}"} if token else dict(HEADERS)
+        try:
+            return {**HEADERS, **self.keys.inference_headers()}
+        except TokenError as e:
+            raise ServeError(503, str(e)) from e
+
+    def post(self, client: httpx.Client, data: bytes, params: dict | None = None) -> httpx.Response:
+        """The photo to TorchServe with the inference key (renewed and resent once if refused)."""
+        try:
+            return self.keys.send(lambda h: client.post(self.predict_url, content=data, params=params, headers=h),
+                                  HEADERS)
+        except TokenError as e:
+            raise ServeError(503, str(e)) from e
 
 
-def read_inference_key(key_file: Path | None) -> str | None:
-    """The inference key from TorchServe's key_file.json; None where there is no file (auth off)."""
-    if key_file is None or not Path(key_file).is_file():
-        return None
-    try:
-        return json.loads(Path(key_file).read_text(encoding="utf-8"))["inference"]["key"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ServeError(503, f"cannot read the inference key from {key_file}: {e}") from e
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    """The flags naming the server, shared by the web app and the tagger."""
+    p.add_argument("--inference-url", default=None,
+                   help="TorchServe inference API base URL (default: TORCHSERVE_URL, else the `make serve` server)")
+    p.add_argument("--management-url", default=None,
+                   help="management API base URL, to renew an expired key (default: TORCHSERVE_MANAGEMENT_URL, "
+                        "else the server.json beside the key file, else config.properties)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registered model name")
+    p.add_argument("--key-file", type=Path, default=KEY_FILE,
+                   help="TorchServe's key_file.json (or set TORCHSERVE_TOKEN, which cannot be renewed)")
+
+
+def target_from_args(args: argparse.Namespace) -> ServeTarget:
+    """Flags, else environment, else the server that `start` left beside the key file (`make serve`'s)."""
+    urls = server_urls(args.key_file.parent)
+    keys = Keys(args.key_file, args.management_url or os.environ.get("TORCHSERVE_MANAGEMENT_URL") or urls["management"],
+                token=os.environ.get("TORCHSERVE_TOKEN"))
+    return ServeTarget(args.inference_url or os.environ.get("TORCHSERVE_URL") or urls["inference"], keys, args.model)
 
 
 def _message(response: httpx.Response) -> str:
@@ -78,7 +87,7 @@ def _message(response: httpx.Response) -> str:
 
 def parse_predictions(response: httpx.Response) -> list[dict]:
     """TorchServe's answer -> the top-k list, or ServeError with a status meant for the caller."""
-    if response.status_code in (401, 403):
+    if response.status_code in (401, 403) or refused(response.status_code, response.text):
         raise ServeError(502, "TorchServe refused the inference token (was the server restarted with a new key?)")
     if response.status_code == 404:
         raise ServeError(503, f"the model is not registered on TorchServe: {_message(response)}")

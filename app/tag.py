@@ -27,15 +27,7 @@ import httpx
 from PIL import Image
 from tqdm import tqdm
 
-from app.client import (
-    DEFAULT_KEY_FILE,
-    DEFAULT_MODEL,
-    ServeError,
-    ServeTarget,
-    default_url,
-    parse_predictions,
-    unreachable,
-)
+from app.client import ServeError, ServeTarget, add_target_args, parse_predictions, target_from_args, unreachable
 from app.exif import SUPPORTED_FORMATS, has_gps, with_gps
 from landmark import atomic
 from landmark.cli import non_negative_int, positive_float, precision
@@ -86,7 +78,7 @@ def served_predictor(target: ServeTarget, timeout: float) -> Predict:
 
     def predict(data: bytes) -> list[dict]:
         try:
-            response = client.post(target.predict_url, content=data, headers=target.headers())
+            response = target.post(client, data)
         except httpx.HTTPError as e:
             raise Abort(unreachable(target, e).message) from e
         return parse_predictions(response)
@@ -208,11 +200,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="with --local")
     p.add_argument("--threads", type=non_negative_int, default=0,
                    help="with --local: intra-op threads (0 = runtime default)")
-    p.add_argument("--inference-url", default=None,
-                   help="TorchServe inference API base URL (default: TORCHSERVE_URL, else the `make serve` server)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="registered model name")
-    p.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE,
-                   help="TorchServe's key_file.json (or set TORCHSERVE_TOKEN)")
+    add_target_args(p)
     p.add_argument("--timeout", type=positive_float, default=60.0, help="seconds per request")
     return p
 
@@ -228,7 +216,7 @@ def run(args: argparse.Namespace) -> dict:
         predict, labels = local_predictor(args.local, args.backend, args.device, args.threads, args.min_precision)
         model = f"local:{args.local.resolve()}:{args.backend}"
     else:
-        target = ServeTarget(url=args.inference_url or default_url(), model=args.model, key_file=args.key_file)
+        target = target_from_args(args)
         predict, labels, model = served_predictor(target, args.timeout), set(), f"{target.predict_url}"
     settings = {"model": model, "min_precision": args.min_precision, "overwrite_gps": args.overwrite_gps}
     policy = TagPolicy(args.overwrite_gps)

@@ -17,16 +17,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
 
-from app.client import (
-    DEFAULT_KEY_FILE,
-    DEFAULT_MODEL,
-    ServeError,
-    ServeTarget,
-    default_url,
-    parse_predictions,
-    unreachable,
-)
+from app.client import ServeError, ServeTarget, add_target_args, parse_predictions, target_from_args, unreachable
 from landmark.cli import port, positive_float, positive_int
 
 STATIC = Path(__file__).with_name("static")
@@ -68,6 +61,11 @@ def create_app(target: ServeTarget, max_upload: int = DEFAULT_MAX_UPLOAD, topk: 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     limit_mb = f"{max_upload / 1024 / 1024:g} MB"
 
+    def forward(data: bytes, params: dict) -> httpx.Response:
+        """In a worker thread: renewing an expired key is a blocking call to the token API."""
+        with httpx.Client(timeout=timeout) as client:
+            return target.post(client, data, params)
+
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
         response = await call_next(request)
@@ -88,8 +86,9 @@ def create_app(target: ServeTarget, max_upload: int = DEFAULT_MAX_UPLOAD, topk: 
     async def health() -> JSONResponse:
         """Whether TorchServe answers; the page shows a banner when it does not."""
         try:
+            headers = await run_in_threadpool(target.headers)
             async with httpx.AsyncClient(timeout=5) as client:
-                response = await client.get(f"{target.url.rstrip('/')}/ping", headers=target.headers())
+                response = await client.get(f"{target.url.rstrip('/')}/ping", headers=headers)
         except httpx.HTTPError as e:
             return JSONResponse({"app": "ok", "server": "down", "error": unreachable(target, e).message})
         except ServeError as e:
@@ -109,10 +108,7 @@ def create_app(target: ServeTarget, max_upload: int = DEFAULT_MAX_UPLOAD, topk: 
             return error(415, "not an image: the file is not in a photo format (JPEG, PNG, WebP, ...)")
         params = {"topk": topk} if topk else {}  # none: the handler's default, min(5, classes)
         try:
-            async with httpx.AsyncClient(timeout=timeout) as client:
-                response = await client.post(target.predict_url, content=data, params=params,
-                                             headers=target.headers())
-            predictions = parse_predictions(response)
+            predictions = parse_predictions(await run_in_threadpool(forward, data, params))
         except httpx.HTTPError as e:
             return error(503, unreachable(target, e).message)
         except ServeError as e:
@@ -127,18 +123,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 description="Web page for tagging photos with the served landmark model.")
     p.add_argument("--host", default="127.0.0.1", help="bind address (keep it loopback)")
     p.add_argument("--port", type=port, default=8000)
-    p.add_argument("--inference-url", default=None,
-                   help="TorchServe inference API base URL (default: TORCHSERVE_URL, else the `make serve` server)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="registered model name")
-    p.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE,
-                   help="TorchServe's key_file.json (or set TORCHSERVE_TOKEN)")
+    add_target_args(p)
     p.add_argument("--max-upload-mb", type=positive_float, default=DEFAULT_MAX_UPLOAD / 1024 / 1024)
     p.add_argument("--topk", type=positive_int, default=None, help="landmarks per photo (default: the server's, 5)")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    target = ServeTarget(url=args.inference_url or default_url(), model=args.model, key_file=args.key_file)
+    target = target_from_args(args)
     app = create_app(target, max_upload=int(args.max_upload_mb * 1024 * 1024), topk=args.topk)
     print(f"Landmark tagger: open http://{args.host}:{args.port}/ (TorchServe at {target.url})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -57,7 +57,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--serve-model-dir", type=Path, help="model to archive and serve (default: the last model dir)")
     g.add_argument("--serve-backend", choices=["onnx", "torchscript"], default="onnx")
     g.add_argument("--url", help="benchmark a running server at this predictions URL instead of starting one")
-    g.add_argument("--token-file", type=Path, help="key_file.json or a file with the inference key (with --url)")
+    g.add_argument("--token-file", type=Path, help="key_file.json (renewed through the management API named by "
+                   "the server.json beside it) or a file with the inference key (with --url)")
     g.add_argument("--photo", type=Path, help="JPEG to send (default: an 800 px shared sample photo)")
     g.add_argument("--max-batch-delay", type=non_negative_int, help="ms; default: what make archive uses")
     g.add_argument("--concurrency", nargs="+", type=positive_int, default=[1, 4, 16])
@@ -148,14 +149,16 @@ def bench_model(model_dir: Path, args: argparse.Namespace, peak: float) -> dict:
 
 def bench_served(args: argparse.Namespace, models: list[dict]) -> dict:
     from benchmarks.inputs import served_photo
-    from benchmarks.served import Load, bench_external, bench_own_server, read_token
+    from benchmarks.served import Load, bench_external, bench_own_server, token_keys
+    from handlers.settings import server_urls
 
     body, photo = served_photo(args.photo)
     loads = [Load(c, args.serve_requests, args.serve_budget) for c in args.concurrency]
     if args.url:
         if not args.token_file:
             return {"status": "skipped: --url needs --token-file"}
-        return {**bench_external(args.url, read_token(args.token_file), body, loads), "photo": photo}
+        keys = token_keys(args.token_file, server_urls(args.token_file.parent)["management"])
+        return {**bench_external(args.url, keys, body, loads), "photo": photo}
     ok = [Path(m["path"]) for m in models if m["status"] == "ok"]
     model_dir = args.serve_model_dir or (ok[-1] if ok else None)
     if model_dir is None:

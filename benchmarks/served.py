@@ -4,8 +4,6 @@ measured in the same run so the difference is TorchServe's own overhead."""
 
 from __future__ import annotations
 
-import inspect
-import json
 import tempfile
 import threading
 import time
@@ -17,6 +15,8 @@ import psutil
 import requests
 
 from benchmarks.stats import summarize_ms, time_loop
+from handlers.settings import BATCH_SIZE, MAX_BATCH_DELAY_MS, THREADS
+from handlers.tokens import Keys
 from landmark.run_files import model_file
 
 
@@ -28,13 +28,10 @@ class Load:
     timeout_s: float = 60.0
 
 
-def read_token(path: Path) -> str:
-    """TorchServe's key_file.json ({"inference": {"key": ...}}) or a file holding just the key."""
+def token_keys(path: Path, management_url: str | None) -> Keys:
+    """TorchServe's key_file.json (renewed at ``management_url`` when expired), or a file holding just the key."""
     text = Path(path).read_text(encoding="utf-8").strip()
-    try:
-        return json.loads(text)["inference"]["key"]
-    except (ValueError, KeyError, TypeError):
-        return text
+    return Keys(path, management_url) if text.startswith("{") else Keys(None, token=text)
 
 
 def load_test(url: str, headers: dict, body: bytes, load: Load) -> dict:
@@ -110,16 +107,17 @@ def server_memory(server) -> dict:
 
 
 def archive_settings() -> dict:
-    """The batching/thread settings ``make archive`` uses (read from handlers.archive, not restated)."""
-    from handlers.archive import build
-
-    params = inspect.signature(build).parameters
-    return {k: params[k].default for k in ("batch_size", "max_batch_delay", "threads")}
+    """The batching/thread settings ``make archive`` uses (handlers.settings' defaults)."""
+    return {"batch_size": BATCH_SIZE, "max_batch_delay": MAX_BATCH_DELAY_MS, "threads": THREADS}
 
 
-def run_loads(url: str, headers: dict, body: bytes, loads: list[Load], warmup: int = 4) -> list[dict]:
-    load_test(url, headers, body, Load(1, warmup, 30.0))  # first calls: ORT session warm-up, connection setup
-    return [load_test(url, headers, body, load) for load in loads]
+def run_loads(url: str, keys: Keys, body: bytes, loads: list[Load], warmup: int = 4) -> list[dict]:
+    """The key is taken (and renewed if expired) per level, not per request, to keep file reads out of the timings."""
+    def headers() -> dict:
+        return {**keys.inference_headers(), "Content-Type": "image/jpeg"}
+
+    load_test(url, headers(), body, Load(1, warmup, 30.0))  # first calls: ORT session warm-up, connection setup
+    return [load_test(url, headers(), body, load) for load in loads]
 
 
 def bench_own_server(model_dir: Path, backend: str, body: bytes, loads: list[Load], ref_budget_s: float,
@@ -127,7 +125,7 @@ def bench_own_server(model_dir: Path, backend: str, body: bytes, loads: list[Loa
     """Archive ``model_dir`` as ``make archive`` does (optionally another batching delay), start an
     isolated TorchServe on free loopback ports, load it, stop it."""
     from handlers.archive import build
-    from handlers.server import TorchServe
+    from handlers.process import TorchServe
 
     settings = archive_settings()
     if max_batch_delay is not None:
@@ -140,9 +138,7 @@ def bench_own_server(model_dir: Path, backend: str, body: bytes, loads: list[Loa
         try:
             server.start(timeout=start_timeout)
             cold = time.perf_counter() - t0
-            url = f"{server.inference_url}/predictions/landmark"
-            headers = {**server.headers(), "Content-Type": "image/jpeg"}
-            levels = run_loads(url, headers, body, loads)
+            levels = run_loads(server.url(), server.keys, body, loads)
             memory = server_memory(server)
         finally:
             server.stop()
@@ -151,9 +147,8 @@ def bench_own_server(model_dir: Path, backend: str, body: bytes, loads: list[Loa
             "levels": levels, "inprocess": ref, **overhead(levels, ref)}
 
 
-def bench_external(url: str, token: str, body: bytes, loads: list[Load]) -> dict:
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "image/jpeg"}
-    return {"server": url, "levels": run_loads(url, headers, body, loads),
+def bench_external(url: str, keys: Keys, body: bytes, loads: list[Load]) -> dict:
+    return {"server": url, "levels": run_loads(url, keys, body, loads),
             "cold_start_s": None, "note": "external server: cold start, RSS and in-process reference not measured"}
 
 

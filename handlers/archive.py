@@ -23,19 +23,15 @@ import zipfile
 from pathlib import Path
 
 import landmark
+from handlers.settings import BATCH_SIZE, MAX_BATCH_DELAY_MS, MODEL_NAME, MODEL_STORE, RESPONSE_TIMEOUT_S, THREADS
 from landmark.cli import non_negative_int, positive_int
 from landmark.preprocess import DEFAULT_MAX_PIXELS
 from landmark.run_files import META, MODEL_FILES, OPEN_SET, read_meta
 
-ROOT = Path(__file__).resolve().parents[1]
 HANDLER = Path(__file__).with_name("landmark_handler.py")
 PACKAGE = Path(landmark.__file__).parent  # shipped whole: the handler may import any of it
 FIXED_TIME = "01/01/2000 00:00:00"  # MANIFEST createdOn, so two builds of the same inputs are identical
 ZIP_TIME = (2000, 1, 1, 0, 0, 0)
-BATCH_SIZE = 4  # requests TorchServe may merge into one network call
-# TorchServe's batcher polls its queue for up to this long per extra item, so requests that are already
-# queued (under load) still fill a batch at once; at low load each request waits the whole delay
-MAX_BATCH_DELAY_MS = 1
 
 
 def model_config(batch_size: int, max_batch_delay: int, threads: int, max_pixels: int) -> str:
@@ -44,7 +40,7 @@ def model_config(batch_size: int, max_batch_delay: int, threads: int, max_pixels
         "# Read by TorchServe when the model is loaded (0.12: model-config.yaml inside the archive).\n"
         f"batchSize: {batch_size}          # requests merged into one network call\n"
         f"maxBatchDelay: {max_batch_delay}      # ms to wait for a batch to fill\n"
-        "responseTimeout: 60    # s before a stuck request fails\n"
+        f"responseTimeout: {RESPONSE_TIMEOUT_S}    # s before a stuck request fails\n"
         "handler:\n"
         f"  threads: {threads}           # torch / ORT intra-op threads per worker (env LANDMARK_THREADS)\n"
         f"  max_pixels: {max_pixels}  # larger images are refused as decompression bombs (env LANDMARK_MAX_PIXELS)\n"
@@ -74,7 +70,7 @@ def zip_dir(src: Path, dst: Path) -> None:
 
 
 def build(model_dir: Path, backend: str, name: str, version: str, store: Path, force: bool = False,
-          batch_size: int = BATCH_SIZE, max_batch_delay: int = MAX_BATCH_DELAY_MS, threads: int = 1,
+          batch_size: int = BATCH_SIZE, max_batch_delay: int = MAX_BATCH_DELAY_MS, threads: int = THREADS,
           max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
     """Archive ``model_dir``'s exported network; returns the .mar path. Raises FileNotFoundError / FileExistsError."""
     model_dir, store = Path(model_dir), Path(store)
@@ -113,13 +109,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Package an exported landmark model as a TorchServe .mar archive.")
     p.add_argument("--model-dir", type=Path, required=True, help="folder with model.onnx / model.ts + model_meta.json")
     p.add_argument("--backend", choices=sorted(MODEL_FILES), default="onnx")
-    p.add_argument("--name", default="landmark", help="model name: the URL is /predictions/<name>")
+    p.add_argument("--name", default=MODEL_NAME, help="model name: the URL is /predictions/<name>")
     p.add_argument("--version", default="1.0")
-    p.add_argument("--store", type=Path, default=ROOT / "model_store")
+    p.add_argument("--store", type=Path, default=MODEL_STORE)
     p.add_argument("-f", "--force", action="store_true", help="overwrite an existing archive")
     p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE)
     p.add_argument("--max-batch-delay", type=non_negative_int, default=MAX_BATCH_DELAY_MS, help="ms")
-    p.add_argument("--threads", type=positive_int, default=1, help="intra-op threads per worker")
+    p.add_argument("--threads", type=positive_int, default=THREADS, help="intra-op threads per worker")
     p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS)
     return p
 

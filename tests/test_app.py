@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -22,13 +23,17 @@ import numpy as np
 import pytest
 from conftest import ROOT, SHARED_DATA, run_module, synthetic_photo
 
-from handlers.server import TorchServe
+from handlers import tokens
+from handlers.process import TorchServe
+from handlers.settings import CONFIG
+from handlers.tokens import Keys
 from landmark.predict import Predictor
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
 LIMIT_MB = 1
+KEY_MINUTES = 0.25
 
 
 def free_port() -> int:
@@ -49,17 +54,35 @@ def sample_photo(tmp: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
+def store(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = tmp_path_factory.mktemp("store")
     built = run_module("handlers.archive", "--model-dir", str(tiny_model), "--backend", "onnx", "--name", "landmark",
                        "--store", str(store))
     assert built.returncode == 0, built.stderr[-3000:]
-    server = TorchServe(store, "landmark", workdir=tmp_path_factory.mktemp("ts"), workers=1)
+    return store
+
+
+def serve(store: Path, workdir: Path, config: Path = CONFIG) -> Iterator[TorchServe]:
+    server = TorchServe(store, "landmark", workdir=workdir, workers=1, config=config)
     server.start(timeout=180)
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def served(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
+    yield from serve(store, tmp_path_factory.mktemp("ts"))
+
+
+@pytest.fixture(scope="module")
+def short_key_served(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
+    """A server whose inference and management keys expire 15 s after they are made, not 60 min."""
+    work = tmp_path_factory.mktemp("ts_short_key")
+    config = work.parent / "short_key.properties"  # TorchServe reads token_expiration_min as a float
+    config.write_text(CONFIG.read_text(encoding="utf-8") + f"token_expiration_min={KEY_MINUTES}\n", encoding="utf-8")
+    yield from serve(store, work, config)
 
 
 def start_app(inference_url: str, key_file: Path, log: Path) -> tuple[subprocess.Popen, str]:
@@ -183,6 +206,50 @@ def test_tagger_served_mode_matches_local(served: TorchServe, tiny_model: Path, 
     again = run_module("app.tag", *common, "--dst", str(tmp_path / "served"), "--inference-url",
                        served.inference_url, "--key-file", str(served.workdir / "key_file.json"))
     assert again.returncode == 0 and "0 to tag" in again.stderr, again.stderr[-3000:]
+
+
+def wait_until_expired(key_file: Path) -> str:
+    """Sleep until the file's inference key has expired on TorchServe's clock (this machine's); return it."""
+    entry = json.loads(key_file.read_text())["inference"]
+    time.sleep(max(0.0, (datetime.fromisoformat(entry["expiration time"]) - datetime.now(UTC)).total_seconds()) + 1)
+    return entry["key"]
+
+
+@pytest.mark.slow  # about 45 s of real waiting: three of the server's 15-s inference keys expire, one after the other
+def test_expired_key_is_renewed_for_the_app_and_the_tagger(short_key_served: TorchServe, tiny_data: Path,
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server, key_file = short_key_served, short_key_served.workdir / "key_file.json"
+    photo = sample_photo(tmp_path).read_bytes()
+    proc, app = start_app(server.inference_url, key_file, tmp_path / "app.log")  # it finds the management URL itself
+    try:
+        def post(headers: dict) -> httpx.Response:
+            return httpx.post(server.url(), content=photo, headers={**headers, "Content-Type": "image/jpeg"},
+                              timeout=60)
+
+        expired = wait_until_expired(key_file)
+        refused = post({"Authorization": f"Bearer {expired}"})
+        assert refused.status_code == 400 and refused.json()["type"] == "InvalidKeyException", refused.text
+        with monkeypatch.context() as m:  # a key that lapses on its way: the file says valid, TorchServe refuses
+            m.setattr(tokens, "expired", lambda entry: False)
+            assert Keys(key_file, server.management_url).send(post).status_code == 200
+        assert Keys(key_file).key() != expired
+
+        expired = wait_until_expired(key_file)
+        r = httpx.post(f"{app}/api/predict", content=photo, headers={"Content-Type": "image/jpeg"}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["predictions"]) == 3 and Keys(key_file).key() != expired
+    finally:
+        stop_app(proc)
+
+    expired = wait_until_expired(key_file)
+    src = tmp_path / "src"
+    shutil.copytree(tiny_data / "test" / "16.Eiffel_Tower", src / "16.Eiffel_Tower")
+    tagged = run_module("app.tag", "--src", str(src), "--dst", str(tmp_path / "tagged"), "--inference-url",
+                        server.inference_url, "--key-file", str(key_file))
+    assert tagged.returncode == 0, tagged.stderr[-3000:]
+    rows = json.loads((tmp_path / "tagged" / "tag_report.json").read_text())["photos"]
+    assert rows and all(row["landmark"] and not row["error"] for row in rows), rows
+    assert Keys(key_file).key() != expired
 
 
 @pytest.fixture(scope="module")

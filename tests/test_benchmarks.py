@@ -16,7 +16,7 @@ from conftest import run_module
 
 from benchmarks.backends import Unavailable, assert_provider, make_backend
 from benchmarks.inputs import model_inputs
-from benchmarks.served import read_token
+from benchmarks.served import token_keys
 from benchmarks.stats import percentile, summarize_ms, time_loop
 from landmark.preprocess import PreprocessConfig
 
@@ -103,11 +103,11 @@ def test_synthetic_inputs_are_deterministic(tmp_path: Path) -> None:
     assert np.array_equal(a, b)
 
 
-def test_read_token(tmp_path: Path) -> None:
+def test_token_file_is_a_key_file_or_a_bare_key(tmp_path: Path) -> None:
     (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "abc"}, "management": {"key": "m"}}))
     (tmp_path / "plain").write_text("xyz\n")
-    assert read_token(tmp_path / "key_file.json") == "abc"
-    assert read_token(tmp_path / "plain") == "xyz"
+    assert token_keys(tmp_path / "key_file.json", None).key() == "abc"
+    assert token_keys(tmp_path / "plain", None).key() == "xyz"
 
 
 @pytest.fixture(scope="module")

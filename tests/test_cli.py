@@ -8,9 +8,9 @@ import argparse
 from pathlib import Path
 
 import pytest
+from conftest import run_module
 
 from landmark.cli import non_negative_int, port, positive_float, positive_int
-from tests.conftest import run_module
 
 
 @pytest.mark.parametrize(("kind", "good", "bad"), [

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CLASSES, synthetic_photo
 from PIL import Image
 
 from landmark.labels import build_classes, display_name
 from landmark.preprocess import ImageError, PreprocessConfig, decode, load_input
-from tests.conftest import TINY_CLASSES, synthetic_photo
 from train.data import DataSplits, PhotoDataset, find_classes, stratified_split, train_augment
 
 CFG = PreprocessConfig(32, 36, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

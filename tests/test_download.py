@@ -6,7 +6,7 @@ import subprocess
 import zipfile
 from pathlib import Path
 
-from tests.conftest import ROOT, run_module
+from conftest import ROOT, run_module
 
 
 def _zip_dataset(tiny_data: Path, target: Path) -> Path:

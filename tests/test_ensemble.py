@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_module
 
 from landmark.labels import softmax
 from landmark.predict import Predictor
 from landmark.preprocess import load_input
 from landmark.run_files import read_meta
-from tests.conftest import run_module
 from train.data import find_classes, list_samples
 from train.export import load_checkpoint
 

@@ -17,6 +17,7 @@ import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import psutil
@@ -25,11 +26,14 @@ import requests
 from conftest import ROOT, synthetic_photo
 from PIL import Image
 
-from handlers.archive import BATCH_SIZE, MAX_BATCH_DELAY_MS, PACKAGE, build
-from handlers.server import TorchServe, config_ports, free_ports, read_properties
+from handlers.archive import PACKAGE, build
+from handlers.process import TorchServe, free_ports
+from handlers.settings import BATCH_SIZE, MAX_BATCH_DELAY_MS, config_ports, read_properties
+from handlers.tokens import Keys, TokenError
 from landmark.predict import Predictor
 
 MODELS = {"landmark_onnx": "onnx", "landmark_ts": "torchscript"}
+COLD_START_S = 60  # the bound test_server_settings asserts; the fixture waits three times as long
 N_CLASSES = 3
 
 
@@ -72,7 +76,7 @@ def store(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(store: Path, tmp_path_factory: pytest.TempPathFactory):
     ts = TorchServe(store, list(MODELS), tmp_path_factory.mktemp("ts"), workers=1)
-    with ts:
+    with ts.start(timeout=3 * COLD_START_S):  # a slow start fails test_server_settings, not every test
         pids = {m: ts.worker_pids(m) for m in MODELS}
         tree = [psutil.Process(ts.pid), *psutil.Process(ts.pid).children(recursive=True)]
         print(f"\nTorchServe cold start (start -> {len(MODELS)} workers READY): {ts.cold_start_s:.1f} s")
@@ -167,13 +171,33 @@ def test_config_is_loopback_with_auth_on() -> None:
     assert set(config_ports(ROOT / "serve_config" / "config.properties").values()) == {8080, 8081, 8082, 7070, 7071}
 
 
+def test_refused_key_is_retried_with_the_files_newer_key_and_a_fixed_token_says_why_not(tmp_path: Path) -> None:
+    refusal, ok = (SimpleNamespace(status_code=400, text='{"code": 400, "type": "InvalidKeyException"}'),
+                   SimpleNamespace(status_code=200, text="[]"))
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({"inference": {"key": "old"}, "API": {"key": "api"}}))
+    sent: list[str] = []
+
+    def post(headers: dict) -> SimpleNamespace:
+        sent.append(headers["Authorization"])
+        if len(sent) > 1:
+            return ok
+        key_file.write_text(json.dumps({"inference": {"key": "new"}, "API": {"key": "api"}}))  # another client
+        return refusal
+
+    assert Keys(key_file).send(post) is ok and sent == ["Bearer old", "Bearer new"]  # no token API call
+    assert Keys(key_file).renew(stale="old") == "new"
+    with pytest.raises(TokenError, match="cannot be renewed: unset TORCHSERVE_TOKEN"):
+        Keys(key_file, "http://127.0.0.1:9", token="fixed").send(lambda h: refusal)
+
+
 # --- the served model ------------------------------------------------------------------------------
 
 
 def test_server_settings(server: TorchServe) -> None:
     info = server.describe("landmark_onnx")
     assert (info["batchSize"], info["maxBatchDelay"]) == (BATCH_SIZE, MAX_BATCH_DELAY_MS)
-    assert server.cold_start_s < 60
+    assert server.cold_start_s < COLD_START_S
     metrics = requests.get(f"{server.metrics_url}/metrics", timeout=10)
     assert metrics.status_code == 200 and "# TYPE" in metrics.text
 
@@ -327,7 +351,7 @@ def test_token_required_and_management_closed(server: TorchServe, jpeg: bytes) -
     assert scale.status_code in (400, 401, 403) and scale.json()["type"] == "InvalidKeyException"
     assert server.describe("landmark_onnx")["workers"]  # still served
     old = server.headers()
-    server.renew_key()  # what headers() does once the 60-minute key has expired
+    server.keys.renew()  # what headers() does once the 60-minute key has expired
     assert server.headers() != old
     assert post(server, "landmark_onnx", jpeg).status_code == 200
     assert post(server, "landmark_onnx", jpeg, headers=old).status_code in (400, 401, 403)

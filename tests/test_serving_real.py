@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from handlers.archive import build
-from handlers.server import TorchServe
+from handlers.process import TorchServe
 from landmark.predict import Predictor
 
 MODEL_DIR = os.environ.get("LANDMARK_MODEL_DIR")

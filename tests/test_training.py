@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, TINY_TRAIN_ARGS, run_module
 
 from landmark.labels import softmax
 from landmark.meta import LandmarkClass, ModelRecord
@@ -20,7 +21,6 @@ from landmark.predict import Predictor
 from landmark.preprocess import PreprocessConfig
 from landmark.run_files import read_meta
 from landmark.runtime import OnnxRunner
-from tests.conftest import ROOT, TINY_TRAIN_ARGS, run_module
 from train.nets import IMAGENET_LITE_MEAN, IMAGENET_LITE_STD, ScratchCNN, TransferNet, build
 
 

@@ -1,0 +1,197 @@
+"""Supervise one isolated TorchServe: the test fixture, ``make serve/predict/stop`` and the benchmarks.
+
+Each server gets its own working directory holding its config, key_file.json, logs, and TMPDIR /
+TEMP (TorchServe's pid file and the workers' unix sockets live there), plus its own ports, so two
+servers on one machine never collide. ``torchserve --start`` exits 0 even when the server fails,
+so ``start`` waits until every worker reports READY on the management API and raises otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+import requests
+
+from handlers.settings import CONFIG, HOST, KEY_FILE_NAME, MODEL_NAME, PORT_KEYS, STATE_FILE, WORKDIR, base_url
+from handlers.tokens import Keys, TokenError
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((HOST, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((HOST, port)) == 0
+
+
+class TorchServe:
+    """One isolated TorchServe serving ``<model>.mar`` (one or several models) from ``model_store``."""
+
+    def __init__(self, model_store: Path, model: str | Sequence[str] = MODEL_NAME, workdir: Path | None = None,
+                 config: Path = CONFIG, ports: dict | None = None, workers: int | None = None) -> None:
+        self.model_store = Path(model_store).resolve()
+        self.models = [model] if isinstance(model, str) else list(model)
+        self.model = self.models[0]
+        self.workdir = Path(workdir or WORKDIR).resolve()
+        self.config = Path(config)
+        self.ports = ports or dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS)), strict=True))
+        self.workers = workers
+        self.inference_url = base_url(self.ports["inference"])
+        self.management_url = base_url(self.ports["management"])
+        self.metrics_url = base_url(self.ports["metrics"])
+        self.keys = Keys(self.workdir / KEY_FILE_NAME, self.management_url)
+        self.pid: int | None = None
+        self.cold_start_s: float | None = None
+
+    def __enter__(self) -> TorchServe:
+        return self if self.pid is not None else self.start()  # `with TorchServe(...).start(180) as s:` too
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def url(self, model: str | None = None) -> str:
+        return f"{self.inference_url}/predictions/{model or self.model}"
+
+    def headers(self) -> dict[str, str]:
+        return self.keys.inference_headers()
+
+    def management_headers(self) -> dict[str, str]:
+        return self.keys.management_headers()
+
+    def describe(self, model: str | None = None) -> dict:
+        r = requests.get(f"{self.management_url}/models/{model or self.model}", headers=self.management_headers(),
+                         timeout=10)
+        r.raise_for_status()
+        return r.json()[0]
+
+    def worker_pids(self, model: str | None = None) -> list[int]:
+        return sorted(int(w["pid"]) for w in self.describe(model)["workers"] if w.get("pid"))
+
+    def log_tail(self, chars: int = 3000) -> str:
+        text = ""
+        for name in ("console.log", "model_log.log"):  # console.log has what ts_log.log has, and launcher errors
+            path = self.workdir / "logs" / name
+            if path.is_file():
+                text += f"--- {path}\n" + path.read_text(encoding="utf-8", errors="replace")[-chars:]
+        return text
+
+    def _worker_died(self) -> bool:
+        """A worker that dies while loading is retried forever by TorchServe: fail the start instead."""
+        path = self.workdir / "logs" / "model_log.log"
+        return path.is_file() and "Backend worker process died" in path.read_text(encoding="utf-8", errors="replace")
+
+    def _write_config(self) -> Path:
+        props = self.config.read_text(encoding="utf-8")
+        p = self.ports
+        overrides = {
+            "inference_address": self.inference_url, "management_address": self.management_url,
+            "metrics_address": self.metrics_url, "grpc_inference_port": p["grpc_inference"],
+            "grpc_management_port": p["grpc_management"], "model_store": self.model_store,
+            "allowed_urls": f"file://{self.model_store}/.*",  # the local model store only
+        }
+        if self.workers:
+            overrides["default_workers_per_model"] = self.workers
+        lines = [ln for ln in props.splitlines() if ln.split("=", 1)[0].strip() not in overrides]
+        lines += [f"{k}={v}" for k, v in overrides.items()]
+        path = self.workdir / "config.properties"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return path
+
+    def start(self, timeout: float = 60) -> TorchServe:
+        """Launch, then wait until every worker of every model is READY; raise with the log tail otherwise."""
+        missing = [m for m in self.models if not (self.model_store / f"{m}.mar").is_file()]
+        if missing:
+            raise FileNotFoundError(f"no {', '.join(m + '.mar' for m in missing)} in {self.model_store}: "
+                                    "run `make archive` first")
+        busy = [f"{k}={v}" for k, v in self.ports.items() if port_in_use(v)]
+        if busy:
+            raise RuntimeError(f"ports in use ({', '.join(busy)}): is another TorchServe running? `make stop`")
+        tmp, logs = self.workdir / "tmp", self.workdir / "logs"
+        for d in (tmp, logs):
+            d.mkdir(parents=True, exist_ok=True)
+        for stale in (KEY_FILE_NAME, "logs/model_log.log"):
+            (self.workdir / stale).unlink(missing_ok=True)
+        env = {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(logs),
+               "METRICS_LOCATION": str(logs)}
+        cmd = [str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground", "--ncs",
+               "--ts-config", str(self._write_config()), "--model-store", str(self.model_store),
+               "--models", *[f"{m}={m}.mar" for m in self.models]]
+        t0 = time.monotonic()
+        with open(logs / "console.log", "ab") as console:
+            proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=console, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pid = proc.pid
+        while time.monotonic() - t0 < timeout:
+            if proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"TorchServe exited with {proc.returncode} during start\n{self.log_tail()}")
+            if self._worker_died():
+                self.stop()
+                raise RuntimeError(f"a TorchServe worker died while loading the model\n{self.log_tail()}")
+            if self._ready():
+                self.cold_start_s = time.monotonic() - t0
+                (self.workdir / KEY_FILE_NAME).chmod(0o600)  # the keys are for this user only
+                (self.workdir / STATE_FILE).write_text(json.dumps(self._state()), encoding="utf-8")
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"TorchServe workers not READY within {timeout:.0f} s\n{self.log_tail()}")
+
+    def _ready(self) -> bool:
+        try:
+            return all(
+                (d := self.describe(m))["workers"] and all(w["status"] == "READY" for w in d["workers"])
+                for m in self.models
+            )
+        except (OSError, KeyError, ValueError, requests.RequestException, TokenError):
+            return False  # not listening yet, no key file yet, or the model still loading
+
+    def _state(self) -> dict:
+        return {"pid": self.pid, "ports": self.ports, "models": self.models, "model_store": str(self.model_store)}
+
+    @classmethod
+    def attach(cls, workdir: Path = WORKDIR) -> TorchServe:
+        """The server a previous ``start`` left running in ``workdir`` (for make predict / stop)."""
+        state_path = Path(workdir) / STATE_FILE
+        if not state_path.is_file():
+            raise FileNotFoundError(f"no server state in {workdir}: start one with `make serve`")
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        server = cls(Path(state["model_store"]), state["models"], workdir, ports=state["ports"])
+        server.pid = state["pid"]
+        return server
+
+    def stop(self, grace: float = 20) -> None:
+        """Stop the Java frontend (it stops its workers), then kill whatever of the tree outlives ``grace``."""
+        if self.pid is not None:
+            procs, frontend = [], []
+            with contextlib.suppress(psutil.NoSuchProcess):
+                root = psutil.Process(self.pid)
+                if "torchserve" in " ".join(root.cmdline()):  # not a stale pid reused by something else
+                    procs, frontend = [root, *root.children(recursive=True)], root.children() or [root]
+            for p in frontend:  # the launcher exits with the frontend
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.terminate()
+            _, alive = psutil.wait_procs(procs, timeout=grace)
+            for p in alive:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
+            psutil.wait_procs(alive, timeout=5)
+            self.pid = None
+        (self.workdir / STATE_FILE).unlink(missing_ok=True)

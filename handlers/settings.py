@@ -1,0 +1,57 @@
+"""The serving defaults, stated once: where ``make serve``'s TorchServe lives and listens, and what
+``make archive`` puts in model-config.yaml. The server, the CLI, the web app, the tagger and the
+benchmarks read them from here, so a changed port or batch size cannot go stale in one of them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "serve_config" / "config.properties"
+MODEL_STORE = ROOT / "model_store"  # where `make archive` writes <name>.mar and `make serve` loads it from
+WORKDIR = ROOT / "logs" / "torchserve"  # logs/ is git-ignored; make clean removes it
+KEY_FILE_NAME = "key_file.json"  # TorchServe writes it into its working directory (the workdir)
+KEY_FILE = WORKDIR / KEY_FILE_NAME
+STATE_FILE = "server.json"  # written by `start` beside the keys: pid, ports, models of the running server
+MODEL_NAME = "landmark"
+HOST = "127.0.0.1"  # loopback only, like the addresses in config.properties
+PORT_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address",
+             "grpc_inference": "grpc_inference_port", "grpc_management": "grpc_management_port"}
+
+# model-config.yaml defaults (handlers/archive.py); test_serving checks TorchServe reports the first two
+BATCH_SIZE = 4  # requests TorchServe may merge into one network call
+# TorchServe's batcher polls its queue for up to this long per extra item, so requests that are already
+# queued (under load) still fill a batch at once; at low load each request waits the whole delay
+MAX_BATCH_DELAY_MS = 1
+THREADS = 1  # intra-op threads per worker: config.properties runs one worker per CPU, more would oversubscribe
+RESPONSE_TIMEOUT_S = 60  # a request stuck longer than this fails (and its worker is restarted) instead of hanging
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    props = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def config_ports(config: Path = CONFIG) -> dict[str, int]:
+    """The ports a config file names (for ``make serve``, which uses the documented 8080/8081/8082)."""
+    props = read_properties(config)
+    return {name: int(props[key].rsplit(":", 1)[-1]) for name, key in PORT_KEYS.items()}
+
+
+def base_url(port: int) -> str:
+    return f"http://{HOST}:{port}"
+
+
+def server_urls(workdir: Path = WORKDIR) -> dict[str, str]:
+    """Base URL of each API of the server that `start` left running in ``workdir``, else config.properties' ones."""
+    try:
+        ports = json.loads((Path(workdir) / STATE_FILE).read_text(encoding="utf-8"))["ports"]
+    except (OSError, ValueError, KeyError, TypeError):
+        ports = config_ports()
+    return {kind: base_url(int(ports[kind])) for kind in ("inference", "management", "metrics")}
