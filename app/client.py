@@ -46,11 +46,12 @@ class ServeTarget:
         except TokenError as e:
             raise ServeError(503, str(e)) from e
 
-    def post(self, client: httpx.Client, data: bytes, params: dict | None = None) -> httpx.Response:
-        """The photo to TorchServe with the inference key (renewed and resent once if refused)."""
+    def post(self, client: httpx.Client, data: bytes, headers: dict | None = None) -> httpx.Response:
+        """The photo to TorchServe with the inference key (renewed and resent once if refused); ``headers``
+        carry per-request settings (X-Topk, X-Min-Precision)."""
         try:
-            return self.keys.send(lambda h: client.post(self.predict_url, content=data, params=params, headers=h),
-                                  HEADERS)
+            return self.keys.send(lambda h: client.post(self.predict_url, content=data, headers=h),
+                                  {**HEADERS, **(headers or {})})
         except TokenError as e:
             raise ServeError(503, str(e)) from e
 
@@ -85,8 +86,9 @@ def _message(response: httpx.Response) -> str:
     return str(body)
 
 
-def parse_predictions(response: httpx.Response) -> list[dict]:
-    """TorchServe's answer -> the top-k list, or ServeError with a status meant for the caller."""
+def parse_answer(response: httpx.Response) -> dict:
+    """TorchServe's answer (``landmark.predict.answer``: landmark or null, reason, confidence, top_k), or
+    ServeError with a status meant for the caller."""
     if response.status_code in (401, 403) or refused(response.status_code, response.text):
         raise ServeError(502, "TorchServe refused the inference token (was the server restarted with a new key?)")
     if response.status_code == 404:
@@ -98,10 +100,11 @@ def parse_predictions(response: httpx.Response) -> list[dict]:
     if response.status_code >= 500:
         raise ServeError(502, f"TorchServe failed on this photo: {_message(response)}")
     body = response.json()
-    predictions = body.get("predictions") if isinstance(body, dict) else body
-    if not isinstance(predictions, list) or not all(isinstance(p, dict) and "label" in p for p in predictions):
+    top_k = body.get("top_k") if isinstance(body, dict) else None
+    if (not isinstance(top_k, list) or not all(isinstance(p, dict) and "label" in p for p in top_k)
+            or "landmark" not in body):
         raise ServeError(502, f"unexpected answer from TorchServe: {str(body)[:200]}")
-    return predictions
+    return body
 
 
 def unreachable(target: ServeTarget, error: Exception) -> ServeError:

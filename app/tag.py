@@ -27,7 +27,7 @@ import httpx
 from PIL import Image
 from tqdm import tqdm
 
-from app.client import ServeError, ServeTarget, add_target_args, parse_predictions, target_from_args, unreachable
+from app.client import ServeError, ServeTarget, add_target_args, parse_answer, target_from_args, unreachable
 from app.exif import SUPPORTED_FORMATS, has_gps, with_gps
 from landmark import atomic
 from landmark.cli import non_negative_int, positive_float, precision
@@ -69,19 +69,21 @@ def local_predictor(model_dir: Path, backend: str, device: str, threads: int,
     return (lambda data: predictor.predict([data], min_precision=min_precision)[0]), labels
 
 
-def served_predictor(target: ServeTarget, timeout: float) -> Predict:
+def served_predictor(target: ServeTarget, timeout: float, min_precision: float | None) -> Predict:
     client = httpx.Client(timeout=timeout)
     try:
         client.get(f"{target.url.rstrip('/')}/ping")
     except httpx.HTTPError as e:
         raise Abort(unreachable(target, e).message) from e
 
-    def predict(data: bytes) -> list[dict]:
+    headers = {"X-Min-Precision": str(min_precision)} if min_precision is not None else {}
+
+    def predict(data: bytes) -> dict:
         try:
-            response = target.post(client, data)
+            response = target.post(client, data, headers)
         except httpx.HTTPError as e:
             raise Abort(unreachable(target, e).message) from e
-        return parse_predictions(response)
+        return parse_answer(response)
 
     return predict
 
@@ -217,7 +219,7 @@ def run(args: argparse.Namespace) -> dict:
         model = f"local:{args.local.resolve()}:{args.backend}"
     else:
         target = target_from_args(args)
-        predict, labels, model = served_predictor(target, args.timeout), set(), f"{target.predict_url}"
+        predict, labels, model = served_predictor(target, args.timeout, args.min_precision), set(), target.predict_url
     settings = {"model": model, "min_precision": args.min_precision, "overwrite_gps": args.overwrite_gps}
     policy = TagPolicy(args.overwrite_gps)
     dst.mkdir(parents=True, exist_ok=True)

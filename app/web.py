@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 
-from app.client import ServeError, ServeTarget, add_target_args, parse_predictions, target_from_args, unreachable
+from app.client import ServeError, ServeTarget, add_target_args, parse_answer, target_from_args, unreachable
 from landmark.cli import port, positive_float, positive_int
 
 STATIC = Path(__file__).with_name("static")
@@ -61,10 +61,10 @@ def create_app(target: ServeTarget, max_upload: int = DEFAULT_MAX_UPLOAD, topk: 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     limit_mb = f"{max_upload / 1024 / 1024:g} MB"
 
-    def forward(data: bytes, params: dict) -> httpx.Response:
+    def forward(data: bytes, headers: dict) -> httpx.Response:
         """In a worker thread: renewing an expired key is a blocking call to the token API."""
         with httpx.Client(timeout=timeout) as client:
-            return target.post(client, data, params)
+            return target.post(client, data, headers)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
@@ -106,14 +106,14 @@ def create_app(target: ServeTarget, max_upload: int = DEFAULT_MAX_UPLOAD, topk: 
             return error(400, "empty upload: the request body has no bytes")
         if image_format(data) is None:
             return error(415, "not an image: the file is not in a photo format (JPEG, PNG, WebP, ...)")
-        params = {"topk": topk} if topk else {}  # none: the handler's default, min(5, classes)
+        headers = {"X-Topk": str(topk)} if topk else {}  # none: the handler's default, min(5, classes)
         try:
-            predictions = parse_predictions(await run_in_threadpool(forward, data, params))
+            answer = parse_answer(await run_in_threadpool(forward, data, headers))
         except httpx.HTTPError as e:
             return error(503, unreachable(target, e).message)
         except ServeError as e:
             return error(e.status, e.message)
-        return JSONResponse({"predictions": predictions})
+        return JSONResponse(answer)
 
     return app
 

@@ -80,7 +80,7 @@ def inprocess_reference(model_file: Path, body: bytes, threads: int, budget_s: f
     crop = predictor.preprocess(body)[None]
     parts = {
         "decode_preprocess": lambda: predictor.preprocess(body),
-        "model": lambda: predictor.probabilities(crop),
+        "model": lambda: predictor.outputs(crop),
         "end_to_end": lambda: predictor.predict([body], 5),
     }
     return {name: summarize_ms(time_loop(fn, budget_s, min_iters=20, max_iters=500)[0]) for name, fn in parts.items()}

@@ -23,13 +23,19 @@ from handlers.tokens import TokenError
 from landmark.cli import positive_float, positive_int
 
 
-def format_predictions(image: str, predictions: list[dict]) -> str:
-    lines = [f"{image}:"]
-    for rank, p in enumerate(predictions, 1):
-        loc = p.get("location")
-        where = f"  {loc.get('place') or ''}, {loc.get('country') or '?'} ({loc['lat']:.4f}, {loc['lon']:.4f})" \
-            if loc else ""
-        lines.append(f"  {rank}. {p['name']:<32} {p['probability']:7.2%}{where}")
+def format_answer(image: str, answer: dict) -> str:
+    """The decision first (the landmark and where it is, or "no known landmark" and why), then the top-k."""
+    landmark = answer["landmark"]
+    if landmark is None:
+        head = f"{image}: no known landmark ({answer['reason']}, confidence {answer['confidence']:.1%})"
+    else:
+        loc = landmark.get("location")
+        where = f" at {loc.get('place') or '?'}, {loc.get('country') or '?'} ({loc['lat']:.4f}, {loc['lon']:.4f})" \
+            if loc else " (no location known)"
+        head = f"{image}: {landmark['name']}{where}, confidence {answer['confidence']:.1%}"
+    lines = [head, f"  closest known landmarks (operating point: {answer['operating_point']['min_precision']:.0%} "
+                   "precision):"]
+    lines += [f"  {rank}. {p['name']:<32} {p['probability']:7.2%}" for rank, p in enumerate(answer["top_k"], 1)]
     return "\n".join(lines)
 
 
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             status = 1
             continue
-        print(format_predictions(str(image), body))
+        print(format_answer(str(image), body))
     return status
 
 

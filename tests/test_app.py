@@ -144,10 +144,13 @@ def test_api_predicts_like_local_model_and_keeps_token(app_url: str, served: Tor
     r = httpx.post(f"{app_url}/api/predict", content=photo.read_bytes(), headers={"Content-Type": "image/jpeg"},
                    timeout=60)
     assert r.status_code == 200, r.text
-    predictions = r.json()["predictions"]
+    answer = r.json()
     local = Predictor.from_dir(tiny_model, "onnx", device="cpu", threads=1).predict([photo], k=3)[0]
-    assert [p["label"] for p in predictions] == [p["label"] for p in local]
-    assert [p["probability"] for p in predictions] == pytest.approx([p["probability"] for p in local], abs=1e-5)
+    predictions = answer["top_k"]
+    assert [p["label"] for p in predictions] == [p["label"] for p in local["top_k"]]
+    assert [p["probability"] for p in predictions] == pytest.approx([p["probability"] for p in local["top_k"]],
+                                                                    abs=1e-5)
+    assert answer["landmark"] == local["landmark"] and answer["reason"] == local["reason"]
     assert {"lat", "lon", "country", "place"} <= set(predictions[0]["location"])
 
     token = json.loads((served.workdir / "key_file.json").read_text())["inference"]["key"]
@@ -187,7 +190,7 @@ def test_tagger_served_mode_matches_local(served: TorchServe, tiny_model: Path, 
     src = tmp_path / "src"
     shutil.copytree(tiny_data / "test" / "16.Eiffel_Tower", src / "16.Eiffel_Tower")
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
-    common = ("--src", str(src), "--min-probability", "0.4")
+    common = ("--src", str(src), "--min-precision", "0.4")
     served_run = run_module("app.tag", *common, "--dst", str(tmp_path / "served"), "--inference-url",
                             served.inference_url, "--key-file", str(served.workdir / "key_file.json"))
     assert served_run.returncode == 0, served_run.stderr[-3000:]
@@ -200,7 +203,8 @@ def test_tagger_served_mode_matches_local(served: TorchServe, tiny_model: Path, 
     assert rows["served"]["broken.png"]["action"] == "error"
     for path, local in rows["local"].items():
         mine = rows["served"][path]
-        assert (mine["landmark"], mine["action"]) == (local["landmark"], local["action"]), path
+        assert (mine["landmark"], mine["action"], mine["reason"]) == (local["landmark"], local["action"],
+                                                                       local["reason"]), path
         if local.get("probability") is not None:
             assert mine["probability"] == pytest.approx(local["probability"], abs=1e-5)
     again = run_module("app.tag", *common, "--dst", str(tmp_path / "served"), "--inference-url",
@@ -237,7 +241,7 @@ def test_expired_key_is_renewed_for_the_app_and_the_tagger(short_key_served: Tor
         expired = wait_until_expired(key_file)
         r = httpx.post(f"{app}/api/predict", content=photo, headers={"Content-Type": "image/jpeg"}, timeout=60)
         assert r.status_code == 200, r.text
-        assert len(r.json()["predictions"]) == 3 and Keys(key_file).key() != expired
+        assert len(r.json()["top_k"]) == 3 and Keys(key_file).key() != expired
     finally:
         stop_app(proc)
 

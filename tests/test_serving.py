@@ -203,10 +203,15 @@ def test_server_settings(server: TorchServe) -> None:
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_topk_format_and_order(server: TorchServe, model: str, jpeg: bytes, predictors: dict) -> None:
+def test_answer_format_and_order(server: TorchServe, model: str, jpeg: bytes, predictors: dict) -> None:
     r = post(server, model, jpeg)
     assert r.status_code == 200 and r.headers["Content-Type"] == "application/json"
-    preds = r.json()
+    answer = r.json()
+    assert set(answer) == {"landmark", "reason", "confidence", "p_known", "operating_point", "top_k"}
+    assert answer["landmark"] in (None, answer["top_k"][0]) and 0 <= answer["confidence"] <= 1
+    assert answer["reason"] == ("known landmark" if answer["landmark"] else answer["reason"])
+    assert answer["operating_point"]["min_precision"] == 0.99
+    preds = answer["top_k"]
     assert len(preds) == N_CLASSES  # default k = 5, bounded by the 3 classes
     probs = [p["probability"] for p in preds]
     assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
@@ -214,8 +219,11 @@ def test_topk_format_and_order(server: TorchServe, model: str, jpeg: bytes, pred
     for p in preds:
         assert set(p) == {"label", "name", "probability", "location"} and p["label"] in labels
         assert set(p["location"]) == {"lat", "lon", "country", "place"}
-    assert [p["label"] for p in post(server, model, jpeg, headers={"X-Topk": "2"}).json()] == [
+    assert [p["label"] for p in post(server, model, jpeg, headers={"X-Topk": "2"}).json()["top_k"]] == [
         p["label"] for p in preds[:2]]
+    looser = post(server, model, jpeg, headers={"X-Min-Precision": "0.5"}).json()
+    assert looser["operating_point"]["min_precision"] == 0.5
+    assert looser["operating_point"]["threshold"] <= answer["operating_point"]["threshold"]
 
 
 def test_topk_from_query_form_json_and_header(server: TorchServe, jpeg: bytes) -> None:
@@ -232,7 +240,7 @@ def test_topk_from_query_form_json_and_header(server: TorchServe, jpeg: bytes) -
                       headers=auth, timeout=30),
     ]
     assert [r.status_code for r in answers] == [200] * len(answers), [r.text for r in answers]
-    assert all(len(r.json()) == 1 and r.json() == answers[0].json() for r in answers)
+    assert all(len(r.json()["top_k"]) == 1 and r.json() == answers[0].json() for r in answers)
 
 
 @pytest.mark.parametrize("k", ["0", "4", "-1", "abc", "2.5", ""])
@@ -289,8 +297,10 @@ def test_served_equals_offline_predictor_for_every_format(server: TorchServe, mo
         assert r.status_code == 200, (kind, r.text)
         offline = predictors[model].predict([data], 3)[0]
         served = r.json()
-        assert [p["label"] for p in served] == [p["label"] for p in offline], kind
-        assert np.allclose([p["probability"] for p in served], [p["probability"] for p in offline], atol=2e-6), kind
+        assert [p["label"] for p in served["top_k"]] == [p["label"] for p in offline["top_k"]], kind
+        assert np.allclose([p["probability"] for p in served["top_k"]], [p["probability"] for p in offline["top_k"]],
+                           atol=2e-6), kind
+        assert served["landmark"] == offline["landmark"] and served["reason"] == offline["reason"], kind
 
 
 def bad_inputs(jpeg: bytes) -> dict[str, bytes]:
@@ -365,7 +375,9 @@ def test_udacity_samples_top1_matches_offline(server: TorchServe, shared_data: P
         for path in photos:
             r = post(server, model, path.read_bytes(), headers={"X-Topk": "1"})
             assert r.status_code == 200, r.text
-            assert r.json()[0]["label"] == predictor.predict([path], 1)[0][0]["label"], (model, path.name)
+            served, offline = r.json(), predictor.predict([path], 1)[0]
+            assert served["top_k"][0]["label"] == offline["top_k"][0]["label"], (model, path.name)
+            assert served["landmark"] == offline["landmark"], (model, path.name)
 
 
 # --- the make serve / predict / stop CLI -----------------------------------------------------------
@@ -399,7 +411,9 @@ def test_cli_start_predict_stop(store: Path, tmp_path: Path, jpeg: bytes) -> Non
         assert again.returncode == 1 and "make stop" in again.stderr
         predicted = cli("predict", str(img), "--topk", "2")
         assert predicted.returncode == 0, predicted.stderr
-        assert len(predicted.stdout.splitlines()) == 3 and "Eiffel Tower" in predicted.stdout
+        lines = predicted.stdout.splitlines()
+        assert len(lines) == 4 and "Eiffel Tower" in predicted.stdout  # the decision, a heading, the top 2
+        assert "confidence" in lines[0] and ("no known landmark" in lines[0] or " at " in lines[0])
         bad = tmp_path / "bad.jpg"
         bad.write_bytes(b"nope")
         failed = cli("predict", str(bad))
