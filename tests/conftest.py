@@ -4,18 +4,29 @@ path of the shared real data sets (tests that need them skip with a reason where
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from handlers.process import TorchServe
+from handlers.settings import CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # Udacity-style names: a numeric prefix, underscores, and a folder with spaces.
 TINY_CLASSES = ["09.Golden_Gate_Bridge", "16.Eiffel_Tower", "taj mahal"]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
 
 
 def synthetic_photo(class_index: int, rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
@@ -76,3 +87,65 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real photo sets not found at {SHARED_DATA} (../shared/data beside the repository)")
     return SHARED_DATA
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(store: Path, workdir: Path, config: Path = CONFIG) -> Iterator[TorchServe]:
+    server = TorchServe(store, "landmark", workdir=workdir, workers=1, config=config)
+    server.start(timeout=180)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def start_app(inference_url: str, key_file: Path, log: Path, max_upload_mb: float = 10,
+              ) -> tuple[subprocess.Popen, str]:
+    """``python -m app.web`` on a free port, as ``make app`` runs it; its output goes to ``log``."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "TORCHSERVE_TOKEN"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.web", "--port", str(port), "--inference-url", inference_url,
+             "--key-file", str(key_file), "--max-upload-mb", str(max_upload_mb)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app exited with {proc.returncode}: {log.read_text()}")
+        try:
+            if httpx.get(f"{url}/api/config", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise TimeoutError("app did not answer within 60 s")
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} missing: `make browser-deps` installs Debian's chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()

@@ -10,9 +10,6 @@ import io
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -21,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import ROOT, SHARED_DATA, run_module, synthetic_photo
+from conftest import SHARED_DATA, free_port, run_module, serve, start_app, stop_app, synthetic_photo
 
 from handlers import tokens
 from handlers.process import TorchServe
@@ -29,17 +26,8 @@ from handlers.settings import CONFIG
 from handlers.tokens import Keys
 from landmark.predict import Predictor
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
 LIMIT_MB = 1
 KEY_MINUTES = 0.25
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sample_photo(tmp: Path) -> Path:
@@ -62,15 +50,6 @@ def store(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return store
 
 
-def serve(store: Path, workdir: Path, config: Path = CONFIG) -> Iterator[TorchServe]:
-    server = TorchServe(store, "landmark", workdir=workdir, workers=1, config=config)
-    server.start(timeout=180)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture(scope="module")
 def served(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
     yield from serve(store, tmp_path_factory.mktemp("ts"))
@@ -85,42 +64,10 @@ def short_key_served(store: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     yield from serve(store, work, config)
 
 
-def start_app(inference_url: str, key_file: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    """``python -m app.web`` on a free port, as ``make app`` runs it; its output goes to ``log``."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "TORCHSERVE_TOKEN"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.web", "--port", str(port), "--inference-url", inference_url,
-             "--key-file", str(key_file), "--max-upload-mb", str(LIMIT_MB)],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app exited with {proc.returncode}: {log.read_text()}")
-        try:
-            if httpx.get(f"{url}/api/config", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError("app did not answer within 60 s")
-
-
-def stop_app(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 def app_url(served: TorchServe, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc, url = start_app(served.inference_url, served.workdir / "key_file.json",
-                          tmp_path_factory.mktemp("app") / "app.log")
+                          tmp_path_factory.mktemp("app") / "app.log", LIMIT_MB)
     try:
         yield url
     finally:
@@ -256,20 +203,6 @@ def test_expired_key_is_renewed_for_the_app_and_the_tagger(short_key_served: Tor
     assert Keys(key_file).key() != expired
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} missing: `make browser-deps` installs Debian's chromium")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
-
-
 def screenshot(page, tmp_path: Path, name: str) -> None:
     shot = page.screenshot(full_page=True)
     assert shot.startswith(b"\x89PNG")
@@ -287,7 +220,15 @@ def new_page(browser, url: str, requests: list[str]):
     return page
 
 
-def test_page_tags_photo_and_reports_errors(browser, app_url: str, tmp_path: Path) -> None:
+def tagged_photo(tiny_model: Path, tiny_data: Path) -> Path:
+    """A test photo that the tiny model tags (its decision says known landmark)."""
+    predictor = Predictor.from_dir(tiny_model, "onnx", device="cpu", threads=1)
+    photos = sorted((tiny_data / "test" / "16.Eiffel_Tower").glob("*.jpg"))
+    return next(p for p in photos if predictor.predict([p])[0]["landmark"])
+
+
+def test_page_tags_photo_and_reports_errors(browser, app_url: str, tiny_model: Path, tiny_data: Path,
+                                            tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
     requests: list[str] = []
@@ -295,9 +236,10 @@ def test_page_tags_photo_and_reports_errors(browser, app_url: str, tmp_path: Pat
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "files"  # the chooser is reachable by keyboard
     chooser = page.get_by_label("Choose photos")
-    photo = sample_photo(tmp_path)
+    photo = tagged_photo(tiny_model, tiny_data)
     chooser.set_input_files(str(photo))
     card = page.locator("#results .card").first
+    expect(card.locator(".state")).to_contain_text("Eiffel Tower (confidence", timeout=30_000)
     expect(card.locator(".predictions li")).to_have_count(3, timeout=30_000)  # top-k of a 3-class model
     expect(card.locator(".place")).to_contain_text("Place:")
     link = card.get_by_role("link", name="View on OpenStreetMap")

@@ -1,20 +1,23 @@
 """The open-set decision on a real (small) model: EfficientNet-Lite0 with a linear head trained on
 four world_heritage13 landmarks, its decision fitted at export on the run's validation photos and
 on real everyday photos as negatives. Photos of places it does not know (indian_monuments49) come
-back "no landmark I know" offline, through the archived handler, the tagger and the evaluation
-command; its known test photos still tag; the fitted decision survives export and archive."""
+back "no landmark I know" offline, from a real TorchServe, on the web page, from the tagger and in
+the evaluation command; its known test photos still tag; the decision survives export and archive."""
 
 from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_module
+import requests
+from conftest import run_module, serve, start_app, stop_app
 
 from handlers.archive import build
+from handlers.process import TorchServe
 from landmark.open_set import OpenSet
 from landmark.predict import Predictor
 from landmark.run_files import OPEN_SET, read_meta
@@ -120,3 +123,43 @@ def test_evaluation_command_reports_against_the_baseline(model: Path, sets: dict
     missing = run_module("train.eval_open_set", "--model-dir", str(model), "--known", str(sets["known"] / "test"),
                          "--unknown", str(sets["unknown"] / "nowhere"))
     assert missing.returncode == 2 and "folder not found" in missing.stderr
+
+
+@pytest.fixture(scope="module")
+def served(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
+    store = tmp_path_factory.mktemp("open_set_store")
+    build(model, "onnx", "landmark", "1.0", store)
+    yield from serve(store, tmp_path_factory.mktemp("open_set_ts"))
+
+
+def test_served_decisions_equal_offline(served: TorchServe, model: Path, sets: dict[str, Path]) -> None:
+    predictor = Predictor.from_dir(model, "onnx", device="cpu")
+    photos = sorted(p for p in sets["unknown"].rglob("*") if p.is_file())[:8] + sorted(
+        (sets["known"] / "test").rglob("*.jpg"))[::6]
+    for path in photos:
+        r = requests.post(served.url(), data=path.read_bytes(), timeout=60,
+                          headers={**served.headers(), "Content-Type": "application/octet-stream"})
+        assert r.status_code == 200, r.text
+        offline = predictor.predict([path])[0]
+        assert (r.json()["landmark"], r.json()["reason"]) == (offline["landmark"], offline["reason"]), path.name
+        assert r.json()["confidence"] == pytest.approx(offline["confidence"], abs=1e-5)
+
+
+def test_page_says_no_landmark_i_know(browser, served: TorchServe, model: Path, sets: dict[str, Path],
+                                      tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    predictor = Predictor.from_dir(model, "onnx", device="cpu")
+    photo = next(p for p in sorted(sets["unknown"].rglob("*.jpg")) if predictor.predict([p])[0]["landmark"] is None)
+    proc, url = start_app(served.inference_url, served.workdir / "key_file.json", tmp_path / "app.log")
+    try:
+        page = browser.new_page(viewport={"width": 1000, "height": 760})
+        page.goto(url)
+        page.get_by_label("Choose photos").set_input_files(str(photo))
+        card = page.locator("#results .card").first
+        expect(card.locator(".state")).to_have_text("No landmark I know: nothing to tag", timeout=30_000)
+        expect(card.locator(".place")).to_contain_text("Not tagged (")
+        assert card.get_by_role("link", name="View on OpenStreetMap").count() == 0
+        page.close()
+    finally:
+        stop_app(proc)
