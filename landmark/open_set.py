@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from landmark import atomic
 from landmark.runtime import Outputs
 
 DEFAULT_MIN_PRECISION = 0.99
@@ -97,9 +98,10 @@ class OpenSet:
         target = self.min_precision if min_precision is None else min_precision
         return threshold_for_precision(self.val_log_confidence, self.val_correct, target)
 
-    def threshold(self, min_precision: float | None = None) -> float:
-        """The operating point as a confidence (inf: nothing reaches that precision)."""
-        return float(np.exp(self.log_threshold(min_precision)))
+    def threshold(self, min_precision: float | None = None) -> float | None:
+        """The operating point as a confidence; None where no validation tag reached that precision."""
+        log_threshold = self.log_threshold(min_precision)
+        return None if np.isinf(log_threshold) else float(np.exp(log_threshold))
 
     def decide(self, outputs: Outputs, min_precision: float | None = None) -> list[Decision]:
         log_threshold = self.log_threshold(min_precision)
@@ -113,11 +115,9 @@ class OpenSet:
         return decisions
 
     def save(self, path: Path) -> None:
-        from landmark import atomic
-
         arrays = {"temperature": np.float64(self.temperature), "val_log_confidence": self.val_log_confidence,
                   "val_correct": self.val_correct, "min_precision": np.float64(self.min_precision)}
-        arrays.update({f"head_{k}": v.astype(np.float32) for k, v in (self.head or {}).items()})
+        arrays.update({f"head_{k}": v.astype(np.float32) for k, v in (self.head or {}).items()})  # fitted as float32
         with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
 

@@ -69,13 +69,15 @@ def rows(outputs: Outputs) -> list[Outputs]:
             for i in range(n)]
 
 
-def answer(d: Decision, classes: Sequence[LandmarkClass], k: int, min_precision: float, threshold: float) -> dict:
+def answer(d: Decision, classes: Sequence[LandmarkClass], k: int, min_precision: float,
+           threshold: float | None) -> dict:
     """``landmark``: the top-1 class where the photo is tagged, else null; ``reason`` says why not;
     ``top_k``: the k most probable known classes (calibrated probabilities) either way."""
     ranked = top_k(d.probabilities, classes, k)
     return {"landmark": ranked[0] if d.tagged else None, "reason": d.reason,
             "confidence": round(d.confidence, 6), "p_known": round(d.p_known, 6),
-            "operating_point": {"min_precision": min_precision, "threshold": round(threshold, 6)},
+            "operating_point": {"min_precision": min_precision,
+                                "threshold": None if threshold is None else round(threshold, 6)},
             "top_k": ranked}
 
 

@@ -225,7 +225,8 @@ def test_answer_format_and_order(server: TorchServe, model: str, jpeg: bytes, pr
         p["label"] for p in preds[:2]]
     looser = post(server, model, jpeg, headers={"X-Min-Precision": "0.5"}).json()
     assert looser["operating_point"]["min_precision"] == 0.5
-    assert looser["operating_point"]["threshold"] <= answer["operating_point"]["threshold"]
+    strict = answer["operating_point"]["threshold"]  # None: nothing reaches 99% on this tiny validation split
+    assert strict is None or looser["operating_point"]["threshold"] <= strict
 
 
 def test_topk_from_query_form_json_and_header(server: TorchServe, jpeg: bytes) -> None:

@@ -119,7 +119,8 @@ def publish_open_set(onnx_file: Path, record: ModelRecord, negatives: list[Path]
         return None
     decision, summary = fitted
     decision.save(out / OPEN_SET)
-    print(f"open-set decision: T={summary['temperature']:.3f}, operating point {summary['threshold']:.4f} for "
+    point = "none (no validation tag reached it)" if summary["threshold"] is None else f"{summary['threshold']:.4f}"
+    print(f"open-set decision: T={summary['temperature']:.3f}, operating point {point} for "
           f"precision {min_precision:.1%}: validation coverage {summary['val_coverage']:.1%}, negatives tagged "
           f"{summary['val_negatives_tagged']:.1%} ({summary['val_known']} known, {summary['val_negative']} negative)")
     return {**summary, "file": OPEN_SET, "bytes": (out / OPEN_SET).stat().st_size}

@@ -105,7 +105,9 @@ def fit(train: Features, val: Features, neg_fit: Features | None, neg_val: Featu
         x = features(np.concatenate([train.embedding, neg_fit.embedding]), mean)
         y = np.concatenate([train.labels, np.full(len(neg_fit.labels), n_classes)])
         weight, bias = fit_logistic(x, y, n_classes + 1)
-        head = {"mean": mean, "weight": weight, "bias": bias}
+        # stored as float32: the validation scores below must be those of the stored head
+        head = {k: v.astype(np.float32).astype(np.float64) for k, v in
+                {"mean": mean, "weight": weight, "bias": bias}.items()}
     queries = Features.concat([val, neg_val]) if neg_val is not None else val
     log_p, _, log_conf = scores(temperature, head, Outputs(queries.logits, queries.embedding))
     correct = (queries.labels >= 0) & (log_p.argmax(1) == queries.labels)
@@ -116,7 +118,7 @@ def fit(train: Features, val: Features, neg_fit: Features | None, neg_val: Featu
     summary = {
         "method": "temperature-scaled softmax x P(known) of a (K+1)-way logistic head" if head is not None
         else "temperature-scaled softmax (no negatives given)",
-        "temperature": temperature, "min_precision": min_precision, "threshold": float(np.exp(threshold)),
+        "temperature": temperature, "min_precision": min_precision, "threshold": decision.threshold(),
         "val_known": int(known.sum()), "val_negative": int((~known).sum()),
         "val_coverage": float(tagged[known].mean()), "val_negatives_tagged": float(tagged[~known].mean()),
         "val_ece_before": ece(log_softmax(val.logits), val.labels),
