@@ -55,15 +55,17 @@ def test_onnx_export_folds_same_padding_into_convs() -> None:
     """The strided convs' TF 'SAME' pads become Conv pads: no Pad node is left, outputs stay exact."""
     import onnx
 
-    from landmark.runtime import OnnxRunner
-    from train.export import export_onnx
+    from train.export import WithEmbedding, export_onnx
 
     net = TransferNet(5, pretrained=True, input_size=96).eval()
     x = torch.randint(0, 256, (3, 3, 96, 96), dtype=torch.uint8)
-    model = export_onnx(net, x[:2])
+    model = export_onnx(WithEmbedding(net).eval(), x[:2])
     assert "Pad" not in {node.op_type for node in onnx.load_from_string(model).graph.node}
+    out = OnnxRunner(model, device="cpu")(x.numpy())
     with torch.no_grad():
-        np.testing.assert_allclose(OnnxRunner(model, device="cpu")(x.numpy()), net(x).numpy(), atol=1e-4, rtol=0)
+        logits, embedding = net.forward_embed(x)
+    np.testing.assert_allclose(out.logits, logits.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out.embedding, embedding.numpy(), atol=1e-4, rtol=1e-4)
 
 
 def test_short_training_run_writes_the_report(tiny_model: Path) -> None:
