@@ -142,8 +142,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--negatives", type=Path, nargs="*",
                    help="folders of photos that show no landmark this model knows, for the open-set decision "
                         "(default: the run's --negatives)")
-    p.add_argument("--min-precision", type=precision, default=DEFAULT_MIN_PRECISION,
-                   help="the stored operating point: tag where validation tags reached this precision")
+    p.add_argument("--min-precision", type=precision,
+                   help="the stored operating point: tag where validation tags reached this precision "
+                        f"(default: the run's --min-precision, else {DEFAULT_MIN_PRECISION})")
     return p
 
 
@@ -165,7 +166,8 @@ def main(args: argparse.Namespace) -> int:
         parity = check_parity(net, staged, batch, args.atol, args.embedding_rtol)
         negatives = args.negatives if args.negatives is not None else [
             Path(p) for p in record.train_args.get("negatives", [])]
-        open_set = publish_open_set(staged["onnx"], record, negatives, args.min_precision, Path(tmp))
+        min_precision = args.min_precision or float(record.train_args.get("min_precision", DEFAULT_MIN_PRECISION))
+        open_set = publish_open_set(staged["onnx"], record, negatives, min_precision, Path(tmp))
         metrics_path = args.run_dir / METRICS
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
         meta = ModelMeta(

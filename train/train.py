@@ -22,9 +22,10 @@ import torch
 import yaml
 from PIL import Image
 
-from landmark.cli import fraction_below_half, non_negative_int, positive_int
+from landmark.cli import fraction_below_half, non_negative_int, positive_int, precision
 from landmark.labels import build_classes
 from landmark.meta import ModelRecord
+from landmark.open_set import DEFAULT_MIN_PRECISION
 from landmark.preprocess import ImageError, PreprocessConfig
 from landmark.run_files import LAST
 from train.data import DataSplits, PhotoDataset, train_augment
@@ -76,6 +77,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--negatives", type=Path, nargs="*", default=[],
                    help="folders of photos showing no landmark of this data set: export fits the open-set decision "
                         "on them (everyday scenes, another landmark set's train/)")
+    p.add_argument("--min-precision", type=precision, default=DEFAULT_MIN_PRECISION,
+                   help="the open-set operating point export stores: the precision its validation tags must reach")
     p.add_argument("--min-scale", type=float, help="RandomResizedCrop's smallest area fraction")
     p.add_argument("--translate", default="auto", type=_auto_or_fraction,
                    help="shift crops by up to this fraction of the side instead of random-resized crops; "
