@@ -25,7 +25,9 @@ MODEL_VERSION ?= 1.0
 BACKEND ?= onnx
 MODEL_STORE ?= model_store
 IMG ?= ../shared/data/udacity_samples/16.Eiffel_Tower/3828627c8730f160.jpg
-DEMO_IMG ?= $(firstword $(wildcard $(DATA_DIR)/test/*/*.jpg))
+# the first test photo of the model's own data set (its folder read from the metadata once it is trained)
+DEMO_IMG ?= $(shell $(PY) -c "from pathlib import Path; from landmark.run_files import read_meta; \
+	print(min(Path(read_meta('$(MODEL_DIR)').model.data_dir, 'test').rglob('*.jpg'), default=''))" 2>/dev/null)
 # empty TOPK: the server's default k (5, or every class where the model has fewer)
 TOPK ?=
 APP_PORT ?= 8000
@@ -110,7 +112,8 @@ demo: $(STAMP)  ## the main job: train + export RECIPE (if not done) -> archive 
 	[ -f "$(MODEL_DIR)/model_meta.json" ] || \
 		$(MAKE) train OUT=$(MODEL_DIR) $(if $(GENERIC),DATA_DIR="$(DATA_DIR)")  # rm -r it to retrain
 	$(MAKE) archive serve
-	$(MAKE) predict IMG="$(or $(DEMO_IMG),$(IMG))"
+	[ -z "$(DEMO_IMG)" ] || $(MAKE) predict IMG="$(DEMO_IMG)"  # a landmark the model knows
+	$(MAKE) predict IMG="$(IMG)"  # a Udacity sample photo: known to a Udacity model, else "no known landmark"
 	@echo "TorchServe is running: make app for the web page, make stop to stop it"
 
 clean:  ## remove built archives and server state (keeps .venv, data/ and artifacts/)
