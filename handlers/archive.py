@@ -24,6 +24,7 @@ from pathlib import Path
 
 import landmark
 from handlers.settings import BATCH_SIZE, MAX_BATCH_DELAY_MS, MODEL_NAME, MODEL_STORE, RESPONSE_TIMEOUT_S, THREADS
+from landmark import atomic
 from landmark.cli import non_negative_int, positive_int
 from landmark.preprocess import DEFAULT_MAX_PIXELS
 from landmark.run_files import META, MODEL_FILES, OPEN_SET, read_meta
@@ -100,8 +101,8 @@ def build(model_dir: Path, backend: str, name: str, version: str, store: Path, f
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         manifest["createdOn"] = FIXED_TIME
         manifest_path.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        zip_dir(work / name, work / "out.mar")
-        os.replace(work / "out.mar", target)
+        with atomic.atomic_path(target) as tmp:
+            zip_dir(work / name, tmp)
     return target
 
 
