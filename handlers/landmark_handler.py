@@ -6,6 +6,10 @@ not VisionHandler, which would import captum. A bad item in a batch gets its own
 error; the other items of the batch are answered normally and the worker keeps running.
 TorchServe accepts only one class per handler module, so bad input is signalled with
 ``ImageError`` (the photo) and ``ValueError`` (topk) rather than an exception class of our own.
+
+Every request is counted on TorchServe's metrics endpoint by outcome, with preprocess and inference
+time and batch size per batch (declared in serve_config/metrics.yaml, which the frontend needs in
+prometheus mode).
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from landmark.cli import positive_int, precision
@@ -35,6 +42,10 @@ PRECISION_PARAM, PRECISION_HEADER = "min_precision", "x-min-precision"
 IMAGE_FIELDS = ("body", "data", "file", "image", "img", "photo", "b64", "instances")  # preferred request fields
 _BASE64 = re.compile(rb"[A-Za-z0-9+/=_\-\s]+")
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,")
+# the start of each bad-input message (landmark.preprocess, this module) -> the Reason of its metric
+BAD_INPUT_REASONS = {"topk": "bad_topk", "min_precision": "bad_min_precision", "image too large": "too_large",
+                     "not an image": "not_an_image", "empty image": "empty", "corrupt or truncated": "corrupt",
+                     "invalid base64": "bad_base64", "no image": "no_image", "JSON body needs": "no_image"}
 
 
 def _setting(name: str, handler_cfg: dict, default: int) -> int:
@@ -57,6 +68,10 @@ def _b64(text: str | bytes) -> bytes:
                                 validate=True)
     except (binascii.Error, ValueError) as e:
         raise ImageError(f"invalid base64 image: {e}") from e
+
+
+def bad_input_reason(message: str) -> str:
+    return next((r for start, r in BAD_INPUT_REASONS.items() if message.startswith(start)), "other")
 
 
 def image_bytes(item: dict) -> bytes:
@@ -132,6 +147,7 @@ class LandmarkHandler(BaseHandler):
         if gpu and torch.cuda.is_available():
             torch.cuda.set_device(int(props["gpu_id"]))
         self.manifest = context.manifest
+        self.model_dims = [Dimension("ModelName", self.manifest["model"]["modelName"]), Dimension("Level", "Model")]
         model_file = model_dir / self.manifest["model"]["serializedFile"]
         self.predictor = Predictor(model_file, device=device, threads=threads, max_pixels=max_pixels)
         self.n_classes = len(self.predictor.classes)
@@ -139,6 +155,15 @@ class LandmarkHandler(BaseHandler):
         logger.info("landmark handler: %s on %s (%s), %d classes, threads=%d, max_pixels=%d",
                     model_file.name, self.predictor.runner.device, self.predictor.runner.providers,
                     self.n_classes, threads, max_pixels)
+
+    def _metric(self, name: str, value: float, unit: str, kind: MetricTypes, **dims: str) -> None:
+        """One value on TorchServe's metrics (none where the context has no metrics cache)."""
+        if self.context.metrics is not None:
+            self.context.metrics.add_metric(name, value, unit, dimensions=[
+                *(Dimension(k, v) for k, v in dims.items()), *self.model_dims], metric_type=kind)
+
+    def _count(self, outcome: str, reason: str = "ok") -> None:
+        self._metric("LandmarkRequests", 1, "Count", MetricTypes.COUNTER, Outcome=outcome, Reason=reason)
 
     def _prepare(self, idx: int, item: dict) -> tuple[np.ndarray, int, float | None]:
         """(crop, k, min_precision) for one request item; ImageError for a bad photo or setting."""
@@ -152,6 +177,7 @@ class LandmarkHandler(BaseHandler):
 
     def preprocess(self, data: list[dict]) -> dict:
         """Decode and check every item; a bad one gets its 400 here and is left out of the batch."""
+        start = time.perf_counter()
         good, errors = [], {}
         for idx, item in enumerate(data):
             self.context.set_response_content_type(idx, "application/json")
@@ -160,13 +186,19 @@ class LandmarkHandler(BaseHandler):
             except ImageError as e:
                 self.context.set_response_status(400, "Bad Request", idx)
                 errors[idx] = str(e)
+                self._count("bad_input", bad_input_reason(str(e)))
         logger.info("landmark batch: %d requests, %d bad", len(data), len(errors))
+        self._metric("LandmarkBatchSize", len(data), "Count", MetricTypes.HISTOGRAM)
+        self._metric("LandmarkPreprocessTime", (time.perf_counter() - start) * 1000, "ms", MetricTypes.HISTOGRAM)
         return {"size": len(data), "good": good, "errors": errors}
 
     def inference(self, batch: dict) -> dict:
         """One network call for all good items of the batch."""
         crops = [crop for _, crop, _, _ in batch["good"]]
+        start = time.perf_counter()
         batch["outputs"] = rows(self.predictor.outputs(np.stack(crops))) if crops else []
+        if crops:
+            self._metric("LandmarkInferenceTime", (time.perf_counter() - start) * 1000, "ms", MetricTypes.HISTOGRAM)
         return batch
 
     def postprocess(self, batch: dict) -> list[str]:
@@ -175,5 +207,7 @@ class LandmarkHandler(BaseHandler):
         responses = [json.dumps({"error": msg}) for msg in batch["errors"].values()]
         out = dict(zip(batch["errors"], responses, strict=True))
         for (idx, _, k, min_precision), row in zip(batch["good"], batch["outputs"], strict=True):
-            out[idx] = json.dumps(self.predictor.answer(row, k, min_precision))
+            answer = self.predictor.answer(row, k, min_precision)
+            self._count("unknown" if answer["landmark"] is None else "known")
+            out[idx] = json.dumps(answer)
         return [out[i] for i in range(batch["size"])]

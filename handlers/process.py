@@ -27,6 +27,7 @@ from handlers.settings import (
     CONFIG,
     HOST,
     KEY_FILE_NAME,
+    METRICS_CONFIG,
     MODEL_NAME,
     PORT_KEYS,
     STATE_FILE,
@@ -123,6 +124,7 @@ class TorchServe:
             "metrics_address": self.metrics_url, "grpc_inference_port": p["grpc_inference"],
             "grpc_management_port": p["grpc_management"], "model_store": self.model_store,
             "allowed_urls": f"file://{self.model_store}/.*",  # the local model store only
+            "metrics_config": METRICS_CONFIG,
         }
         if self.workers:
             overrides["default_workers_per_model"] = self.workers

@@ -1,7 +1,8 @@
 """TorchServe end to end: archive the tiny model (ONNX and TorchScript), serve both from one real
 server on free ports, and check the HTTP contract: top-k format and bounds, every body encoding,
 every photo format, per-item 400s inside a batch, token auth, the closed management API,
-equality with the offline Predictor, and readiness (a READY worker, not /ping)."""
+equality with the offline Predictor, readiness (a READY worker, not /ping), and the handler's metrics
+on the Prometheus endpoint."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ MODELS = {"landmark_onnx": "onnx", "landmark_ts": "torchscript"}
 COLD_START_S = 60  # the bound test_server_settings asserts; the fixture waits three times as long
 N_CLASSES = 3
 RECOVERY_S = 90  # bound on TorchServe restarting a killed worker (measured: about 5 s)
+LABELS = re.compile(r'(\w+)="([^"]*)"')
 
 
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -97,6 +99,22 @@ def predictors(tiny_model: Path) -> dict[str, Predictor]:
 def post(server: TorchServe, model: str, body: bytes, content_type: str = "image/jpeg", **kwargs) -> requests.Response:
     headers = {**server.headers(), "Content-Type": content_type, **kwargs.pop("headers", {})}
     return requests.post(server.url(model), data=body, headers=headers, timeout=30, **kwargs)
+
+
+def scrape(server: TorchServe) -> list[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of every Landmark* sample on the Prometheus endpoint."""
+    text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
+    samples = []
+    for line in text.splitlines():
+        if line.startswith("Landmark"):
+            head, value = line.rsplit(" ", 1)
+            name, _, labels = head.partition("{")
+            samples.append((name, dict(LABELS.findall(labels)), float(value)))
+    return samples
+
+
+def metric(samples: list, name: str, **labels: str) -> float:
+    return sum(v for n, lab, v in samples if n == name and labels.items() <= lab.items())
 
 
 def broken_store(tmp_path: Path) -> Path:
@@ -491,3 +509,36 @@ def test_a_model_that_never_loads_is_never_ready_while_ping_says_healthy(tmp_pat
         assert ready_command(ts) == 1 and "broken has no READY worker" in capsys.readouterr().err
     finally:
         ts.stop()
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_handler_metrics_on_the_prometheus_endpoint(server: TorchServe, jpeg: bytes) -> None:
+    before = scrape(server)
+    good = [post(server, "landmark_onnx", jpeg, headers={"X-Min-Precision": p}).json()["landmark"]
+            for p in ("0.5", "0.99", "1")]
+    bad = {"not_an_image": post(server, "landmark_onnx", b"not a photo at all"),
+           "too_large": post(server, "landmark_onnx", png_bomb(), "image/png"),
+           "bad_topk": post(server, "landmark_onnx", jpeg, headers={"X-Topk": "0"}),
+           "bad_min_precision": post(server, "landmark_onnx", jpeg, headers={"X-Min-Precision": "1.5"})}
+    assert [r.status_code for r in bad.values()] == [400] * len(bad)
+    want = {("known", "ok"): sum(g is not None for g in good), ("unknown", "ok"): sum(g is None for g in good),
+            **{("bad_input", reason): 1 for reason in bad}}
+    n = len(good) + len(bad)
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, ModelName="landmark_onnx", **labels) - metric(before, name,
+                                                                                 ModelName="landmark_onnx", **labels)
+    deadline = time.monotonic() + 30  # the frontend reads the worker's metric log lines as they come
+    while True:
+        after = scrape(server)
+        got = {key: delta("LandmarkRequests", Outcome=key[0], Reason=key[1]) for key in want}
+        if (got == want and delta("LandmarkBatchSize_sum") == n) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert got == want and delta("LandmarkBatchSize_sum") == n
+    batches = delta("LandmarkBatchSize_count")
+    assert 1 <= batches <= n and delta("LandmarkPreprocessTime_count") == batches
+    assert 1 <= delta("LandmarkInferenceTime_count") <= batches  # only batches with a good photo call the network
+    assert delta("LandmarkPreprocessTime_sum") > 0 and delta("LandmarkInferenceTime_sum") > 0
