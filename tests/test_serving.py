@@ -1,8 +1,8 @@
 """TorchServe end to end: archive the tiny model (ONNX and TorchScript), serve both from one real
 server on free ports, and check the HTTP contract: top-k format and bounds, every body encoding,
 every photo format, per-item 400s inside a batch, token auth, the closed management API,
-equality with the offline Predictor, readiness (a READY worker, not /ping), and the handler's metrics
-on the Prometheus endpoint."""
+equality with the offline Predictor, readiness (a READY worker, not /ping), the handler's metrics on
+the Prometheus endpoint, and Open Inference Protocol v2 requests over REST."""
 
 from __future__ import annotations
 
@@ -511,7 +511,7 @@ def test_a_model_that_never_loads_is_never_ready_while_ping_says_healthy(tmp_pat
         ts.stop()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --- metrics ---------------------------------------------------------------------------------------
 
 
 def test_handler_metrics_on_the_prometheus_endpoint(server: TorchServe, jpeg: bytes) -> None:
@@ -542,3 +542,24 @@ def test_handler_metrics_on_the_prometheus_endpoint(server: TorchServe, jpeg: by
     assert 1 <= batches <= n and delta("LandmarkPreprocessTime_count") == batches
     assert 1 <= delta("LandmarkInferenceTime_count") <= batches  # only batches with a good photo call the network
     assert delta("LandmarkPreprocessTime_sum") > 0 and delta("LandmarkInferenceTime_sum") > 0
+
+
+# --- Open Inference Protocol v2 over REST ----------------------------------------------------------
+
+
+def test_oip_v2_infer_over_rest_answers_like_predictions(server: TorchServe, jpeg: bytes) -> None:
+    url = f"{server.inference_url}/v2/models/landmark_onnx/infer"
+    photo = {"name": "photo", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(jpeg).decode()]}
+    r = requests.post(url, json={"id": "req-7", "inputs": [photo]}, headers=server.headers(), timeout=30)
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/json", r.text
+    v2 = r.json()
+    assert {k: v2[k] for k in ("id", "model_name", "model_version")} == {
+        "id": "req-7", "model_name": "landmark_onnx", "model_version": "1.0"}
+    [output] = v2["outputs"]
+    assert {k: output[k] for k in ("name", "datatype", "shape")} == {"name": "answer", "datatype": "BYTES",
+                                                                       "shape": [1]}
+    answer, plain = json.loads(output["data"][0]), post(server, "landmark_onnx", jpeg).json()
+    assert answer == plain and answer["top_k"][0]["label"] == plain["top_k"][0]["label"]
+    no_bytes = requests.post(url, json={"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]},
+                             headers=server.headers(), timeout=30)
+    assert "v2 request needs one BYTES input" in assert_error(no_bytes)
