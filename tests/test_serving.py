@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 import pytest
 import requests
-from conftest import ROOT, synthetic_photo
+from conftest import ROOT, broken_store, synthetic_photo
 from PIL import Image
 
 from handlers.archive import PACKAGE, build
@@ -115,18 +115,6 @@ def scrape(server: TorchServe) -> list[tuple[str, dict[str, str], float]]:
 
 def metric(samples: list, name: str, **labels: str) -> float:
     return sum(v for n, lab, v in samples if n == name and labels.items() <= lab.items())
-
-
-def broken_store(tmp_path: Path) -> Path:
-    """A store whose broken.mar never loads: its handler raises on import."""
-    store = tmp_path / "store"
-    store.mkdir()
-    with zipfile.ZipFile(store / "broken.mar", "w") as z:
-        z.writestr("MAR-INF/MANIFEST.json", json.dumps({"runtime": "python", "model": {
-            "modelName": "broken", "serializedFile": "model.onnx", "handler": "landmark_handler.py",
-            "modelVersion": "1.0"}}))
-        z.writestr("landmark_handler.py", "raise ImportError('deliberately broken handler')\n")
-    return store
 
 
 def assert_error(r: requests.Response, status: int = 400) -> str:
