@@ -215,7 +215,7 @@ class LandmarkHandler(BaseHandler):
                 self._count("bad_input", bad_input_reason(str(e)))
         logger.info("landmark batch: %d requests, %d bad", len(data), len(errors))
         self._metric("LandmarkBatchSize", len(data), "Count", MetricTypes.HISTOGRAM)
-        self._metric("LandmarkPreprocessTime", (time.perf_counter() - start) * 1000, "ms", MetricTypes.HISTOGRAM)
+        self._metric("LandmarkPreprocessSeconds", time.perf_counter() - start, "s", MetricTypes.HISTOGRAM)
         return {"size": len(data), "good": good, "errors": errors}
 
     def inference(self, batch: dict) -> dict:
@@ -224,7 +224,7 @@ class LandmarkHandler(BaseHandler):
         start = time.perf_counter()
         batch["outputs"] = rows(self.predictor.outputs(np.stack(crops))) if crops else []
         if crops:
-            self._metric("LandmarkInferenceTime", (time.perf_counter() - start) * 1000, "ms", MetricTypes.HISTOGRAM)
+            self._metric("LandmarkInferenceSeconds", time.perf_counter() - start, "s", MetricTypes.HISTOGRAM)
         return batch
 
     def postprocess(self, batch: dict) -> list[str]:

@@ -527,9 +527,9 @@ def test_handler_metrics_on_the_prometheus_endpoint(server: TorchServe, jpeg: by
         time.sleep(0.5)
     assert got == want and delta("LandmarkBatchSize_sum") == n
     batches = delta("LandmarkBatchSize_count")
-    assert 1 <= batches <= n and delta("LandmarkPreprocessTime_count") == batches
-    assert 1 <= delta("LandmarkInferenceTime_count") <= batches  # only batches with a good photo call the network
-    assert delta("LandmarkPreprocessTime_sum") > 0 and delta("LandmarkInferenceTime_sum") > 0
+    assert 1 <= batches <= n and delta("LandmarkPreprocessSeconds_count") == batches
+    assert 1 <= delta("LandmarkInferenceSeconds_count") <= batches  # only batches with a good photo call the network
+    assert delta("LandmarkPreprocessSeconds_sum") > 0 and delta("LandmarkInferenceSeconds_sum") > 0
 
 
 # --- Open Inference Protocol v2 over REST ----------------------------------------------------------
