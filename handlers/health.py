@@ -2,9 +2,10 @@
 
 Measured on 0.12 with token auth on: ``/ping`` answers 200 Healthy while the only worker is dead and
 being restarted, and while a model that never loads is retried forever, so it only shows that the
-frontend answers (liveness). ``/v2/health/ready`` and ``/v2/models/<name>/ready`` answer 404 (the OIP
-handler is off; on, its ready is hard-coded true). The management API's describe lists each worker
-with its status, so a model is ready while at least one of its workers is READY.
+frontend answers (liveness). ``/v2/health/ready`` answers 404, and with ts_open_inference_protocol=true
+``{"ready": true}`` even for a model that never loads; ``/v2/models/<name>/ready`` is 404 either way.
+The management API's describe lists each worker with its status, so a model is ready while at least
+one of its workers is READY.
 """
 
 from __future__ import annotations
