@@ -125,9 +125,11 @@ def image_bytes(item: dict) -> bytes:
 
 def requested(item: dict, headers: dict, param: str, header: str) -> str | None:
     """A request setting as sent: a query/form field (TorchServe passes the query string only on
-    /invocations and /<model>/predict, not on /predictions), a key of a JSON body, or a header."""
+    /invocations and /<model>/predict, not on /predictions), a key of a JSON body or of a v2 request's
+    ``parameters``, or a header."""
     json_body = next((v for v in item.values() if isinstance(v, dict) and param in v), {})
-    value = item.get(param, json_body.get(param))
+    v2_parameters = (v2_request(item) or {}).get("parameters")
+    value = item.get(param, json_body.get(param, v2_parameters.get(param) if isinstance(v2_parameters, dict) else None))
     if value is None:
         return next((v for k, v in headers.items() if k.lower() == header and isinstance(v, str)), None)
     return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)

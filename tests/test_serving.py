@@ -536,9 +536,12 @@ def test_handler_metrics_on_the_prometheus_endpoint(server: TorchServe, jpeg: by
 
 
 def test_oip_v2_infer_over_rest_answers_like_predictions(server: TorchServe, jpeg: bytes) -> None:
-    url = f"{server.inference_url}/v2/models/landmark_onnx/infer"
+    def infer(body: dict) -> requests.Response:
+        return requests.post(f"{server.inference_url}/v2/models/landmark_onnx/infer", json=body,
+                             headers=server.headers(), timeout=30)
+
     photo = {"name": "photo", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(jpeg).decode()]}
-    r = requests.post(url, json={"id": "req-7", "inputs": [photo]}, headers=server.headers(), timeout=30)
+    r = infer({"id": "req-7", "inputs": [photo]})
     assert r.status_code == 200 and r.headers["Content-Type"] == "application/json", r.text
     v2 = r.json()
     assert {k: v2[k] for k in ("id", "model_name", "model_version")} == {
@@ -548,6 +551,8 @@ def test_oip_v2_infer_over_rest_answers_like_predictions(server: TorchServe, jpe
                                                                        "shape": [1]}
     answer, plain = json.loads(output["data"][0]), post(server, "landmark_onnx", jpeg).json()
     assert answer == plain and answer["top_k"][0]["label"] == plain["top_k"][0]["label"]
-    no_bytes = requests.post(url, json={"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]},
-                             headers=server.headers(), timeout=30)
+    top1 = infer({"inputs": [photo], "parameters": {"topk": 1}}).json()
+    assert json.loads(top1["outputs"][0]["data"][0])["top_k"] == plain["top_k"][:1]
+    assert "topk" in assert_error(infer({"inputs": [photo], "parameters": {"topk": 9}}))
+    no_bytes = infer({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]})
     assert "v2 request needs one BYTES input" in assert_error(no_bytes)
