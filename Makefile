@@ -36,7 +36,7 @@ DST ?=
 TAG_ARGS ?=
 RUNS ?=
 
-.PHONY: help install data train train-scratch train-transfer ensemble export eval-open-set archive serve predict stop \
+.PHONY: help install data train train-scratch train-transfer ensemble export eval-open-set archive serve ready predict stop \
 	bench app tag browser-deps test lint demo clean
 
 help:  ## list the targets
@@ -76,6 +76,9 @@ archive: $(STAMP)  ## build model_store/landmark.mar from a run folder (MODEL_DI
 
 serve: $(STAMP)  ## start TorchServe with the archive and wait until its worker is READY
 	$(PY) -m handlers.server start --store "$(MODEL_STORE)" --name $(MODEL_NAME)
+
+ready: $(STAMP)  ## exit 0 while the served model has a READY worker, else 1 and why (/ping cannot tell)
+	$(PY) -m handlers.server ready
 
 predict: $(STAMP)  ## top-k landmarks for IMG from the running server
 	$(PY) -m handlers.server predict "$(IMG)" $(if $(TOPK),--topk $(TOPK))

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 
 from app.client import ServeError, ServeTarget, add_target_args, parse_answer, target_from_args, unreachable
+from handlers.health import unready
 from landmark.cli import port, positive_float, positive_int
 
 STATIC = Path(__file__).with_name("static")
@@ -84,7 +85,8 @@ def create_app(target: ServeTarget, max_upload: int = DEFAULT_MAX_UPLOAD, topk: 
 
     @app.get("/api/health")
     async def health() -> JSONResponse:
-        """Whether TorchServe answers; the page shows a banner when it does not."""
+        """"ok" only while the model has a READY worker (the management API's describe: TorchServe's /ping
+        says Healthy with every worker dead); the page shows a banner otherwise."""
         try:
             headers = await run_in_threadpool(target.headers)
             async with httpx.AsyncClient(timeout=5) as client:
@@ -93,9 +95,11 @@ def create_app(target: ServeTarget, max_upload: int = DEFAULT_MAX_UPLOAD, topk: 
             return JSONResponse({"app": "ok", "server": "down", "error": unreachable(target, e).message})
         except ServeError as e:
             return JSONResponse({"app": "ok", "server": "down", "error": e.message})
-        healthy = response.status_code == 200
-        return JSONResponse({"app": "ok", "server": "ok" if healthy else "unhealthy",
-                             "error": None if healthy else f"TorchServe /ping answered {response.status_code}"})
+        if response.status_code != 200:
+            return JSONResponse({"app": "ok", "server": "unhealthy",
+                                 "error": f"TorchServe /ping answered {response.status_code}"})
+        reason = await run_in_threadpool(unready, target.keys.management_url, target.keys, target.model)
+        return JSONResponse({"app": "ok", "server": "not_ready" if reason else "ok", "error": reason})
 
     @app.post("/api/predict")
     async def predict(request: Request) -> JSONResponse:

@@ -6,6 +6,12 @@ not VisionHandler, which would import captum. A bad item in a batch gets its own
 error; the other items of the batch are answered normally and the worker keeps running.
 TorchServe accepts only one class per handler module, so bad input is signalled with
 ``ImageError`` (the photo) and ``ValueError`` (topk) rather than an exception class of our own.
+
+Every request is counted on TorchServe's metrics endpoint by outcome, with preprocess and inference
+time and batch size per batch (declared in serve_config/metrics.yaml, which the frontend needs in
+prometheus mode). An Open Inference Protocol v2 request (``POST /v2/models/<name>/infer``, which
+TorchServe 0.12 routes to the handler with the JSON body as it came) carries the photo as a base64
+BYTES input and gets the same answer JSON as the one BYTES output of a v2 response.
 """
 
 from __future__ import annotations
@@ -17,10 +23,13 @@ import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from landmark.cli import positive_int, precision
@@ -35,6 +44,11 @@ PRECISION_PARAM, PRECISION_HEADER = "min_precision", "x-min-precision"
 IMAGE_FIELDS = ("body", "data", "file", "image", "img", "photo", "b64", "instances")  # preferred request fields
 _BASE64 = re.compile(rb"[A-Za-z0-9+/=_\-\s]+")
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,")
+# the start of each bad-input message (landmark.preprocess, this module) -> the Reason of its metric
+BAD_INPUT_REASONS = {"topk": "bad_topk", "min_precision": "bad_min_precision", "image too large": "too_large",
+                     "not an image": "not_an_image", "empty image": "empty", "corrupt or truncated": "corrupt",
+                     "invalid base64": "bad_base64", "no image": "no_image",
+                     "JSON body needs": "no_image", "v2 request needs": "no_image"}
 
 
 def _setting(name: str, handler_cfg: dict, default: int) -> int:
@@ -57,6 +71,31 @@ def _b64(text: str | bytes) -> bytes:
                                 validate=True)
     except (binascii.Error, ValueError) as e:
         raise ImageError(f"invalid base64 image: {e}") from e
+
+
+def v2_request(item: dict) -> dict | None:
+    """The JSON body of an Open Inference Protocol v2 request ({"inputs": [...]}), else None."""
+    body = item.get("body")
+    return body if isinstance(body, dict) and isinstance(body.get("inputs"), list) else None
+
+
+def v2_image(body: dict) -> bytes:
+    """The photo of a v2 request: the first BYTES input's one element, base64 (JSON cannot carry raw bytes)."""
+    data = next((i.get("data") for i in body["inputs"] if isinstance(i, dict) and i.get("datatype") == "BYTES"), None)
+    if not isinstance(data, list) or len(data) != 1 or not isinstance(data[0], str):
+        raise ImageError('v2 request needs one BYTES input with one base64 photo: {"inputs": [{"name": "photo", '
+                         '"shape": [1], "datatype": "BYTES", "data": ["<base64>"]}]}')
+    return _b64(data[0])
+
+
+def v2_response(body: dict, model: dict, answer: dict) -> dict:
+    """The v2 response around the answer JSON, which stays the one format of the service."""
+    return {"id": body.get("id", ""), "model_name": model["modelName"], "model_version": model.get("modelVersion"),
+            "outputs": [{"name": "answer", "datatype": "BYTES", "shape": [1], "data": [json.dumps(answer)]}]}
+
+
+def bad_input_reason(message: str) -> str:
+    return next((r for start, r in BAD_INPUT_REASONS.items() if message.startswith(start)), "other")
 
 
 def image_bytes(item: dict) -> bytes:
@@ -86,9 +125,11 @@ def image_bytes(item: dict) -> bytes:
 
 def requested(item: dict, headers: dict, param: str, header: str) -> str | None:
     """A request setting as sent: a query/form field (TorchServe passes the query string only on
-    /invocations and /<model>/predict, not on /predictions), a key of a JSON body, or a header."""
+    /invocations and /<model>/predict, not on /predictions), a key of a JSON body or of a v2 request's
+    ``parameters``, or a header."""
     json_body = next((v for v in item.values() if isinstance(v, dict) and param in v), {})
-    value = item.get(param, json_body.get(param))
+    v2_parameters = (v2_request(item) or {}).get("parameters")
+    value = item.get(param, json_body.get(param, v2_parameters.get(param) if isinstance(v2_parameters, dict) else None))
     if value is None:
         return next((v for k, v in headers.items() if k.lower() == header and isinstance(v, str)), None)
     return value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
@@ -132,6 +173,7 @@ class LandmarkHandler(BaseHandler):
         if gpu and torch.cuda.is_available():
             torch.cuda.set_device(int(props["gpu_id"]))
         self.manifest = context.manifest
+        self.model_dims = [Dimension("ModelName", self.manifest["model"]["modelName"]), Dimension("Level", "Model")]
         model_file = model_dir / self.manifest["model"]["serializedFile"]
         self.predictor = Predictor(model_file, device=device, threads=threads, max_pixels=max_pixels)
         self.n_classes = len(self.predictor.classes)
@@ -140,18 +182,31 @@ class LandmarkHandler(BaseHandler):
                     model_file.name, self.predictor.runner.device, self.predictor.runner.providers,
                     self.n_classes, threads, max_pixels)
 
-    def _prepare(self, idx: int, item: dict) -> tuple[np.ndarray, int, float | None]:
-        """(crop, k, min_precision) for one request item; ImageError for a bad photo or setting."""
+    def _metric(self, name: str, value: float, unit: str, kind: MetricTypes, **dims: str) -> None:
+        """One value on TorchServe's metrics, with every dimension named in the order metrics.yaml lists them
+        (the worker matches values to names by position). A metric the worker's yaml lacks (ts's default
+        one in tests/test_handler.py) is added to its cache, not refused."""
+        self.context.metrics.add_metric(name, value, unit, dimensions=[
+            *(Dimension(k, v) for k, v in dims.items()), *self.model_dims], metric_type=kind)
+
+    def _count(self, outcome: str, reason: str = "ok") -> None:
+        self._metric("LandmarkRequests", 1, "Count", MetricTypes.COUNTER, Outcome=outcome, Reason=reason)
+
+    def _prepare(self, idx: int, item: dict) -> tuple[np.ndarray, int, float | None, dict | None]:
+        """(crop, k, min_precision, v2 body or None) for one request item; ImageError for a bad photo or setting."""
         headers = self.context.get_all_request_header(idx) or {}
         try:
             k = parse_topk(requested(item, headers, TOPK_PARAM, TOPK_HEADER), self.n_classes)
             min_precision = parse_min_precision(requested(item, headers, PRECISION_PARAM, PRECISION_HEADER))
         except ValueError as e:
             raise ImageError(str(e)) from e
-        return self.predictor.preprocess(image_bytes(item)), k, min_precision
+        v2 = v2_request(item)
+        photo = v2_image(v2) if v2 is not None else image_bytes(item)
+        return self.predictor.preprocess(photo), k, min_precision, v2
 
     def preprocess(self, data: list[dict]) -> dict:
         """Decode and check every item; a bad one gets its 400 here and is left out of the batch."""
+        start = time.perf_counter()
         good, errors = [], {}
         for idx, item in enumerate(data):
             self.context.set_response_content_type(idx, "application/json")
@@ -160,20 +215,28 @@ class LandmarkHandler(BaseHandler):
             except ImageError as e:
                 self.context.set_response_status(400, "Bad Request", idx)
                 errors[idx] = str(e)
+                self._count("bad_input", bad_input_reason(str(e)))
         logger.info("landmark batch: %d requests, %d bad", len(data), len(errors))
+        self._metric("LandmarkBatchSize", len(data), "Count", MetricTypes.HISTOGRAM)
+        self._metric("LandmarkPreprocessSeconds", time.perf_counter() - start, "s", MetricTypes.HISTOGRAM)
         return {"size": len(data), "good": good, "errors": errors}
 
     def inference(self, batch: dict) -> dict:
         """One network call for all good items of the batch."""
-        crops = [crop for _, crop, _, _ in batch["good"]]
+        crops = [crop for _, crop, _, _, _ in batch["good"]]
+        start = time.perf_counter()
         batch["outputs"] = rows(self.predictor.outputs(np.stack(crops))) if crops else []
+        if crops:
+            self._metric("LandmarkInferenceSeconds", time.perf_counter() - start, "s", MetricTypes.HISTOGRAM)
         return batch
 
     def postprocess(self, batch: dict) -> list[str]:
-        """The answer JSON per good item (``landmark.predict.answer``), ``{"error": ...}`` per bad one,
-        in request order."""
+        """The answer JSON per good item (``landmark.predict.answer``; inside a v2 response for a v2 request),
+        ``{"error": ...}`` per bad one, in request order."""
         responses = [json.dumps({"error": msg}) for msg in batch["errors"].values()]
         out = dict(zip(batch["errors"], responses, strict=True))
-        for (idx, _, k, min_precision), row in zip(batch["good"], batch["outputs"], strict=True):
-            out[idx] = json.dumps(self.predictor.answer(row, k, min_precision))
+        for (idx, _, k, min_precision, v2), row in zip(batch["good"], batch["outputs"], strict=True):
+            answer = self.predictor.answer(row, k, min_precision)
+            self._count("unknown" if answer["landmark"] is None else "known")
+            out[idx] = json.dumps(answer if v2 is None else v2_response(v2, self.manifest["model"], answer))
         return [out[i] for i in range(batch["size"])]

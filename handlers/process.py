@@ -4,6 +4,7 @@ Each server gets its own working directory holding its config, key_file.json, lo
 TEMP (TorchServe's pid file and the workers' unix sockets live there), plus its own ports, so two
 servers on one machine never collide. ``torchserve --start`` exits 0 even when the server fails,
 so ``start`` waits until every worker reports READY on the management API and raises otherwise.
+Afterwards ``ready`` (a READY worker) and ``live`` (the frontend answers) come from handlers.health.
 """
 
 from __future__ import annotations
@@ -21,7 +22,18 @@ from pathlib import Path
 import psutil
 import requests
 
-from handlers.settings import CONFIG, HOST, KEY_FILE_NAME, MODEL_NAME, PORT_KEYS, STATE_FILE, WORKDIR, base_url
+from handlers import health
+from handlers.settings import (
+    CONFIG,
+    HOST,
+    KEY_FILE_NAME,
+    METRICS_CONFIG,
+    MODEL_NAME,
+    PORT_KEYS,
+    STATE_FILE,
+    WORKDIR,
+    base_url,
+)
 from handlers.tokens import Keys, TokenError
 
 
@@ -76,10 +88,17 @@ class TorchServe:
         return self.keys.management_headers()
 
     def describe(self, model: str | None = None) -> dict:
-        r = requests.get(f"{self.management_url}/models/{model or self.model}", headers=self.management_headers(),
-                         timeout=10)
-        r.raise_for_status()
-        return r.json()[0]
+        return health.describe(self.management_url, self.keys, model or self.model)
+
+    def unready(self, model: str | None = None) -> str | None:
+        """None while the model has a READY worker, else why not."""
+        return health.unready(self.management_url, self.keys, model or self.model)
+
+    def ready(self, model: str | None = None) -> bool:
+        return self.unready(model) is None
+
+    def live(self) -> bool:
+        return health.live(self.inference_url, self.keys)
 
     def worker_pids(self, model: str | None = None) -> list[int]:
         return sorted(int(w["pid"]) for w in self.describe(model)["workers"] if w.get("pid"))
@@ -105,6 +124,7 @@ class TorchServe:
             "metrics_address": self.metrics_url, "grpc_inference_port": p["grpc_inference"],
             "grpc_management_port": p["grpc_management"], "model_store": self.model_store,
             "allowed_urls": f"file://{self.model_store}/.*",  # the local model store only
+            "metrics_config": METRICS_CONFIG,
         }
         if self.workers:
             overrides["default_workers_per_model"] = self.workers
@@ -116,6 +136,26 @@ class TorchServe:
 
     def start(self, timeout: float = 60) -> TorchServe:
         """Launch, then wait until every worker of every model is READY; raise with the log tail otherwise."""
+        t0 = time.monotonic()
+        proc = self.launch()
+        while time.monotonic() - t0 < timeout:
+            if proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"TorchServe exited with {proc.returncode} during start\n{self.log_tail()}")
+            if self._worker_died():
+                self.stop()
+                raise RuntimeError(f"a TorchServe worker died while loading the model\n{self.log_tail()}")
+            if self._ready():
+                self.cold_start_s = time.monotonic() - t0
+                (self.workdir / KEY_FILE_NAME).chmod(0o600)  # the keys are for this user only
+                (self.workdir / STATE_FILE).write_text(json.dumps(self._state()), encoding="utf-8")
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"TorchServe workers not READY within {timeout:.0f} s\n{self.log_tail()}")
+
+    def launch(self) -> subprocess.Popen:
+        """Start the server process and return at once, ready or not (``start`` waits)."""
         missing = [m for m in self.models if not (self.model_store / f"{m}.mar").is_file()]
         if missing:
             raise FileNotFoundError(f"no {', '.join(m + '.mar' for m in missing)} in {self.model_store}: "
@@ -133,26 +173,11 @@ class TorchServe:
         cmd = [str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground", "--ncs",
                "--ts-config", str(self._write_config()), "--model-store", str(self.model_store),
                "--models", *[f"{m}={m}.mar" for m in self.models]]
-        t0 = time.monotonic()
         with open(logs / "console.log", "ab") as console:
             proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=console, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         self.pid = proc.pid
-        while time.monotonic() - t0 < timeout:
-            if proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"TorchServe exited with {proc.returncode} during start\n{self.log_tail()}")
-            if self._worker_died():
-                self.stop()
-                raise RuntimeError(f"a TorchServe worker died while loading the model\n{self.log_tail()}")
-            if self._ready():
-                self.cold_start_s = time.monotonic() - t0
-                (self.workdir / KEY_FILE_NAME).chmod(0o600)  # the keys are for this user only
-                (self.workdir / STATE_FILE).write_text(json.dumps(self._state()), encoding="utf-8")
-                return self
-            time.sleep(0.25)
-        self.stop()
-        raise TimeoutError(f"TorchServe workers not READY within {timeout:.0f} s\n{self.log_tail()}")
+        return proc
 
     def _ready(self) -> bool:
         try:

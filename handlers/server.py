@@ -1,9 +1,11 @@
-"""The ``make serve / predict / stop`` command line around ``handlers.process.TorchServe``.
+"""The ``make serve / ready / predict / stop`` command line around ``handlers.process.TorchServe``.
 
 ``start`` leaves the server running in ``--workdir`` (its config, keys, logs and a server.json
-naming its pid and ports), so ``predict`` and ``stop`` in a later process find it again.
+naming its pid and ports), so ``ready``, ``predict`` and ``stop`` in a later process find it again.
+``ready`` exits 0 while every model has a READY worker, else 1 with the reason (for probes and scripts).
 
 Usage: python -m handlers.server start --store model_store --name landmark
+       python -m handlers.server ready
        python -m handlers.server predict photo.jpg --topk 5
        python -m handlers.server stop
 """
@@ -53,6 +55,13 @@ def predict(server: TorchServe, image: Path, topk: int | None = None) -> tuple[i
         return r.status_code, r.text
 
 
+def ready(server: TorchServe) -> int:
+    reasons = [r for r in map(server.unready, server.models) if r]
+    print("; ".join(reasons) if reasons else f"ready: {', '.join(server.models)} at {server.inference_url}",
+          file=sys.stderr if reasons else sys.stdout)
+    return 1 if reasons else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Start / query / stop a local TorchServe for the landmark model.")
     p.add_argument("--workdir", type=Path, default=WORKDIR, help="config, keys, logs, TMPDIR of the server")
@@ -65,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("predict", help="top-k landmarks for photos from the running server")
     q.add_argument("images", nargs="+", type=Path)
     q.add_argument("--topk", type=positive_int, help="1..number of classes (default: the server's 5, or all if fewer)")
+    sub.add_parser("ready", help="exit 0 while every model has a READY worker, else 1 and why")
     sub.add_parser("stop", help="stop the server started by `start`")
     args = p.parse_args(argv)
 
@@ -87,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "stop":
             print("no server running")
             return 0
-        print(f"predict: {e}", file=sys.stderr)
+        print(f"{args.cmd}: {e}", file=sys.stderr)
         return 1
+    if args.cmd == "ready":
+        return ready(server)
     if args.cmd == "stop":
         server.stop()
         print("TorchServe stopped")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "serve_config" / "config.properties"
+METRICS_CONFIG = ROOT / "serve_config" / "metrics.yaml"  # TorchServe's metrics plus the handler's
 MODEL_STORE = ROOT / "model_store"  # where `make archive` writes <name>.mar and `make serve` loads it from
 WORKDIR = ROOT / "logs" / "torchserve"  # logs/ is git-ignored; make clean removes it
 KEY_FILE_NAME = "key_file.json"  # TorchServe writes it into its working directory (the workdir)

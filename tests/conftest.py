@@ -4,11 +4,13 @@ path of the shared real data sets (tests that need them skip with a reason where
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,6 +97,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def broken_store(tmp_path: Path) -> Path:
+    """A store whose broken.mar never loads: its handler raises on import."""
+    store = tmp_path / "store"
+    store.mkdir()
+    with zipfile.ZipFile(store / "broken.mar", "w") as z:
+        z.writestr("MAR-INF/MANIFEST.json", json.dumps({"runtime": "python", "model": {
+            "modelName": "broken", "serializedFile": "model.onnx", "handler": "landmark_handler.py",
+            "modelVersion": "1.0"}}))
+        z.writestr("landmark_handler.py", "raise ImportError('deliberately broken handler')\n")
+    return store
+
+
 def serve(store: Path, workdir: Path, config: Path = CONFIG) -> Iterator[TorchServe]:
     server = TorchServe(store, "landmark", workdir=workdir, workers=1, config=config)
     server.start(timeout=180)
@@ -104,15 +118,16 @@ def serve(store: Path, workdir: Path, config: Path = CONFIG) -> Iterator[TorchSe
         server.stop()
 
 
-def start_app(inference_url: str, key_file: Path, log: Path, max_upload_mb: float = 10,
+def start_app(inference_url: str, key_file: Path, log: Path, max_upload_mb: float = 10, *args: str,
               ) -> tuple[subprocess.Popen, str]:
-    """``python -m app.web`` on a free port, as ``make app`` runs it; its output goes to ``log``."""
+    """``python -m app.web`` on a free port, as ``make app`` runs it, with more of its flags in ``args``;
+    its output goes to ``log``."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "TORCHSERVE_TOKEN"}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "app.web", "--port", str(port), "--inference-url", inference_url,
-             "--key-file", str(key_file), "--max-upload-mb", str(max_upload_mb)],
+             "--key-file", str(key_file), "--max-upload-mb", str(max_upload_mb), *args],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

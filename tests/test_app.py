@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, free_port, run_module, serve, start_app, stop_app, synthetic_photo
+from conftest import SHARED_DATA, broken_store, free_port, run_module, serve, start_app, stop_app, synthetic_photo
 
 from handlers import tokens
 from handlers.process import TorchServe
@@ -130,6 +130,25 @@ def test_api_reports_server_down(down_app_url: str, tmp_path: Path) -> None:
     assert health["server"] == "down" and "not reachable" in health["error"]
     r = httpx.post(f"{down_app_url}/api/predict", content=sample_photo(tmp_path).read_bytes(), timeout=30)
     assert r.status_code == 503 and "make serve" in r.json()["error"]
+
+
+def test_api_health_is_not_ok_while_the_model_has_no_ready_worker(tmp_path: Path) -> None:
+    """TorchServe's /ping says Healthy for a model that never loads; the app asks for its workers."""
+    ts = TorchServe(broken_store(tmp_path), "broken", tmp_path / "ts", workers=1)
+    ts.launch()
+    proc = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (ts.live() and ts._worker_died()) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        proc, url = start_app(ts.inference_url, ts.workdir / "key_file.json", tmp_path / "app.log", 10,
+                              "--management-url", ts.management_url, "--model", "broken")
+        health = httpx.get(f"{url}/api/health", timeout=10).json()
+        assert health["server"] == "not_ready" and "broken has no READY worker" in health["error"], health
+    finally:
+        if proc is not None:
+            stop_app(proc)
+        ts.stop()
 
 
 def test_tagger_served_mode_matches_local(served: TorchServe, tiny_model: Path, tiny_data: Path,

@@ -1,7 +1,8 @@
 """TorchServe end to end: archive the tiny model (ONNX and TorchScript), serve both from one real
 server on free ports, and check the HTTP contract: top-k format and bounds, every body encoding,
-every photo format, per-item 400s inside a batch, token auth, the closed management API, and
-equality with the offline Predictor."""
+every photo format, per-item 400s inside a batch, token auth, the closed management API,
+equality with the offline Predictor, readiness (a READY worker, not /ping), the handler's metrics on
+the Prometheus endpoint, and Open Inference Protocol v2 requests over REST."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -23,11 +25,12 @@ import numpy as np
 import psutil
 import pytest
 import requests
-from conftest import ROOT, synthetic_photo
+from conftest import ROOT, broken_store, synthetic_photo
 from PIL import Image
 
 from handlers.archive import PACKAGE, build
 from handlers.process import TorchServe, free_ports
+from handlers.server import ready as ready_command
 from handlers.settings import BATCH_SIZE, MAX_BATCH_DELAY_MS, config_ports, read_properties
 from handlers.tokens import Keys, TokenError
 from landmark.predict import Predictor
@@ -35,6 +38,8 @@ from landmark.predict import Predictor
 MODELS = {"landmark_onnx": "onnx", "landmark_ts": "torchscript"}
 COLD_START_S = 60  # the bound test_server_settings asserts; the fixture waits three times as long
 N_CLASSES = 3
+RECOVERY_S = 90  # bound on TorchServe restarting a killed worker (measured: about 5 s)
+LABELS = re.compile(r'(\w+)="([^"]*)"')
 
 
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -94,6 +99,22 @@ def predictors(tiny_model: Path) -> dict[str, Predictor]:
 def post(server: TorchServe, model: str, body: bytes, content_type: str = "image/jpeg", **kwargs) -> requests.Response:
     headers = {**server.headers(), "Content-Type": content_type, **kwargs.pop("headers", {})}
     return requests.post(server.url(model), data=body, headers=headers, timeout=30, **kwargs)
+
+
+def scrape(server: TorchServe) -> list[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of every Landmark* sample on the Prometheus endpoint."""
+    text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
+    samples = []
+    for line in text.splitlines():
+        if line.startswith("Landmark"):
+            head, value = line.rsplit(" ", 1)
+            name, _, labels = head.partition("{")
+            samples.append((name, dict(LABELS.findall(labels)), float(value)))
+    return samples
+
+
+def metric(samples: list, name: str, **labels: str) -> float:
+    return sum(v for n, lab, v in samples if n == name and labels.items() <= lab.items())
 
 
 def assert_error(r: requests.Response, status: int = 400) -> str:
@@ -421,22 +442,117 @@ def test_cli_start_predict_stop(store: Path, tmp_path: Path, jpeg: bytes) -> Non
         bad.write_bytes(b"nope")
         failed = cli("predict", str(bad))
         assert failed.returncode == 1 and "HTTP 400" in failed.stderr and "not an image" in failed.stderr
+        ready = cli("ready")
+        assert ready.returncode == 0 and ready.stdout.startswith("ready: landmark_onnx"), ready.stderr
     finally:
         stopped = cli("stop")
     assert stopped.returncode == 0, stopped.stderr
     assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "processes left behind"
     assert cli("stop").stdout.strip() == "no server running"
+    not_running = cli("ready")
+    assert not_running.returncode == 1 and "make serve" in not_running.stderr
 
 
 def test_start_fails_loudly_on_a_broken_archive(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    store.mkdir()
-    with zipfile.ZipFile(store / "broken.mar", "w") as z:
-        z.writestr("MAR-INF/MANIFEST.json", json.dumps({"runtime": "python", "model": {
-            "modelName": "broken", "serializedFile": "model.onnx", "handler": "landmark_handler.py",
-            "modelVersion": "1.0"}}))
-        z.writestr("landmark_handler.py", "raise ImportError('deliberately broken handler')\n")
-    ts = TorchServe(store, "broken", tmp_path / "ts", workers=1)
+    ts = TorchServe(broken_store(tmp_path), "broken", tmp_path / "ts", workers=1)
     with pytest.raises(RuntimeError, match="died while loading"):
         ts.start(timeout=90)
     assert ts.pid is None
+
+
+# --- readiness -------------------------------------------------------------------------------------
+
+
+def test_ready_goes_false_when_every_worker_is_killed_and_back_when_restarted(store: Path, tmp_path: Path,
+                                                                              jpeg: bytes) -> None:
+    with TorchServe(store, "landmark_onnx", tmp_path / "ts", workers=1).start(timeout=3 * COLD_START_S) as ts:
+        assert ts.ready() and ts.live()
+        pids = ts.worker_pids()
+        for pid in pids:
+            psutil.Process(pid).kill()
+        t0, seen = time.monotonic(), []
+        while time.monotonic() - t0 < RECOVERY_S and (all(r for r, _ in seen) or not seen[-1][0]):
+            seen.append((ts.ready(), ts.live()))
+            time.sleep(0.1)
+        recovery_s = time.monotonic() - t0
+        print(f"\nready again {recovery_s:.1f} s after SIGKILL of workers {pids} ({len(seen)} polls)")
+        assert not all(r for r, _ in seen) and seen[-1][0], f"ready states after the kill: {seen}"
+        assert all(live for _, live in seen)  # /ping said Healthy all along: it cannot tell
+        assert set(ts.worker_pids()).isdisjoint(pids)
+        assert post(ts, "landmark_onnx", jpeg).status_code == 200
+
+
+def test_a_model_that_never_loads_is_never_ready_while_ping_says_healthy(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    ts = TorchServe(broken_store(tmp_path), "broken", tmp_path / "ts", workers=1)
+    ts.launch()
+    try:
+        t0, seen, described = time.monotonic(), [], []
+        while time.monotonic() - t0 < COLD_START_S and len(described) < 5:
+            seen.append((ts.unready() or "ready", ts.live(), ts._worker_died()))
+            described = [(reason, live) for reason, live, died in seen if died and "no READY worker" in reason]
+            time.sleep(0.25)
+        assert len(described) >= 5 and all(live for _, live in described), seen  # Healthy, yet no worker
+        assert not [s for s in seen if s[0] == "ready"]
+        assert ready_command(ts) == 1 and "broken has no READY worker" in capsys.readouterr().err
+    finally:
+        ts.stop()
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+
+
+def test_handler_metrics_on_the_prometheus_endpoint(server: TorchServe, jpeg: bytes) -> None:
+    before = scrape(server)
+    good = [post(server, "landmark_onnx", jpeg, headers={"X-Min-Precision": p}).json()["landmark"]
+            for p in ("0.5", "0.99", "1")]
+    bad = {"not_an_image": post(server, "landmark_onnx", b"not a photo at all"),
+           "too_large": post(server, "landmark_onnx", png_bomb(), "image/png"),
+           "bad_topk": post(server, "landmark_onnx", jpeg, headers={"X-Topk": "0"}),
+           "bad_min_precision": post(server, "landmark_onnx", jpeg, headers={"X-Min-Precision": "1.5"})}
+    assert [r.status_code for r in bad.values()] == [400] * len(bad)
+    want = {("known", "ok"): sum(g is not None for g in good), ("unknown", "ok"): sum(g is None for g in good),
+            **{("bad_input", reason): 1 for reason in bad}}
+    n = len(good) + len(bad)
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, ModelName="landmark_onnx", **labels) - metric(before, name,
+                                                                                 ModelName="landmark_onnx", **labels)
+    deadline = time.monotonic() + 30  # the frontend reads the worker's metric log lines as they come
+    while True:
+        after = scrape(server)
+        got = {key: delta("LandmarkRequests", Outcome=key[0], Reason=key[1]) for key in want}
+        if (got == want and delta("LandmarkBatchSize_sum") == n) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert got == want and delta("LandmarkBatchSize_sum") == n
+    batches = delta("LandmarkBatchSize_count")
+    assert 1 <= batches <= n and delta("LandmarkPreprocessSeconds_count") == batches
+    assert 1 <= delta("LandmarkInferenceSeconds_count") <= batches  # only batches with a good photo call the network
+    assert delta("LandmarkPreprocessSeconds_sum") > 0 and delta("LandmarkInferenceSeconds_sum") > 0
+
+
+# --- Open Inference Protocol v2 over REST ----------------------------------------------------------
+
+
+def test_oip_v2_infer_over_rest_answers_like_predictions(server: TorchServe, jpeg: bytes) -> None:
+    def infer(body: dict) -> requests.Response:
+        return requests.post(f"{server.inference_url}/v2/models/landmark_onnx/infer", json=body,
+                             headers=server.headers(), timeout=30)
+
+    photo = {"name": "photo", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(jpeg).decode()]}
+    r = infer({"id": "req-7", "inputs": [photo]})
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/json", r.text
+    v2 = r.json()
+    assert {k: v2[k] for k in ("id", "model_name", "model_version")} == {
+        "id": "req-7", "model_name": "landmark_onnx", "model_version": "1.0"}
+    [output] = v2["outputs"]
+    assert {k: output[k] for k in ("name", "datatype", "shape")} == {"name": "answer", "datatype": "BYTES",
+                                                                       "shape": [1]}
+    answer, plain = json.loads(output["data"][0]), post(server, "landmark_onnx", jpeg).json()
+    assert answer == plain and answer["top_k"][0]["label"] == plain["top_k"][0]["label"]
+    top1 = infer({"inputs": [photo], "parameters": {"topk": 1}}).json()
+    assert json.loads(top1["outputs"][0]["data"][0])["top_k"] == plain["top_k"][:1]
+    assert "topk" in assert_error(infer({"inputs": [photo], "parameters": {"topk": 9}}))
+    no_bytes = infer({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]})
+    assert "v2 request needs one BYTES input" in assert_error(no_bytes)
