@@ -76,6 +76,10 @@ def scores(temperature: float, head: dict[str, np.ndarray] | None,
     return log_p, log_known, log_known + log_p.max(axis=1)
 
 
+def _confidence(log_threshold: float) -> float | None:
+    return None if np.isinf(log_threshold) else float(np.exp(log_threshold))
+
+
 @dataclass(frozen=True)
 class Decision:
     index: int  # the most probable known class
@@ -84,6 +88,7 @@ class Decision:
     confidence: float  # p_known x calibrated top-1 probability: what the operating point cuts
     tagged: bool
     reason: str  # KNOWN, UNKNOWN or BELOW
+    threshold: float | None  # the operating point it was cut at (None: no validation tag reached the target)
 
 
 @dataclass(frozen=True)
@@ -100,18 +105,18 @@ class OpenSet:
 
     def threshold(self, min_precision: float | None = None) -> float | None:
         """The operating point as a confidence; None where no validation tag reached that precision."""
-        log_threshold = self.log_threshold(min_precision)
-        return None if np.isinf(log_threshold) else float(np.exp(log_threshold))
+        return _confidence(self.log_threshold(min_precision))
 
     def decide(self, outputs: Outputs, min_precision: float | None = None) -> list[Decision]:
         log_threshold = self.log_threshold(min_precision)
+        threshold = _confidence(log_threshold)
         log_p, log_known, log_conf = scores(self.temperature, self.head, outputs)
         decisions = []
         for lp, lk, lc in zip(log_p, log_known, log_conf, strict=True):
             tagged = bool(lc >= log_threshold)
             reason = KNOWN if tagged else UNKNOWN if lk < np.log(0.5) else BELOW
             decisions.append(Decision(int(lp.argmax()), np.exp(lp), float(np.exp(lk)), float(np.exp(lc)), tagged,
-                                      reason))
+                                      reason, threshold))
         return decisions
 
     def save(self, path: Path) -> None:

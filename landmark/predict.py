@@ -53,8 +53,7 @@ class Predictor:
     def answer(self, outputs: Outputs, k: int = 5, min_precision: float | None = None) -> dict:
         """The served JSON of one photo (``outputs`` of a batch of one; see ``answer``)."""
         target = self.open_set.min_precision if min_precision is None else min_precision
-        decision = self.open_set.decide(outputs, target)[0]
-        return answer(decision, self.classes, k, target, self.open_set.threshold(target))
+        return answer(self.open_set.decide(outputs, target)[0], self.classes, k, target)
 
     def predict(self, images: list[bytes | Path | str], k: int = 5, min_precision: float | None = None) -> list[dict]:
         batch = np.stack([self.preprocess(img) for img in images])
@@ -69,15 +68,14 @@ def rows(outputs: Outputs) -> list[Outputs]:
             for i in range(n)]
 
 
-def answer(d: Decision, classes: Sequence[LandmarkClass], k: int, min_precision: float,
-           threshold: float | None) -> dict:
+def answer(d: Decision, classes: Sequence[LandmarkClass], k: int, min_precision: float) -> dict:
     """``landmark``: the top-1 class where the photo is tagged, else null; ``reason`` says why not;
     ``top_k``: the k most probable known classes (calibrated probabilities) either way."""
     ranked = top_k(d.probabilities, classes, k)
     return {"landmark": ranked[0] if d.tagged else None, "reason": d.reason,
             "confidence": round(d.confidence, 6), "p_known": round(d.p_known, 6),
             "operating_point": {"min_precision": min_precision,
-                                "threshold": None if threshold is None else round(threshold, 6)},
+                                "threshold": None if d.threshold is None else round(d.threshold, 6)},
             "top_k": ranked}
 
 

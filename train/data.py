@@ -32,6 +32,11 @@ def find_classes(split_dir: Path) -> list[str]:
     return classes
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Every image file under ``folder`` (recursively), sorted by path."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
 def list_samples(split_dir: Path, classes: list[str]) -> list[Sample]:
     """(path, class index) for every image file, sorted by path."""
     unknown = sorted({d.name for d in split_dir.iterdir() if d.is_dir()} - set(classes))
@@ -41,8 +46,7 @@ def list_samples(split_dir: Path, classes: list[str]) -> list[Sample]:
         (path, index)
         for index, name in enumerate(classes)
         if (split_dir / name).is_dir()
-        for path in sorted((split_dir / name).rglob("*"))
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+        for path in image_files(split_dir / name)
     ]
     if not samples:
         raise ValueError(f"{split_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")

@@ -26,7 +26,7 @@ from landmark.labels import softmax
 from landmark.predict import Predictor
 from landmark.preprocess import ImageError
 from landmark.run_files import MODEL_FILES
-from train.data import IMAGE_EXTENSIONS
+from train.data import image_files
 
 BASELINE_THRESHOLD = 0.5
 JSON, MARKDOWN, CHART = "open_set_eval.json", "open_set_eval.md", "open_set_eval.png"
@@ -43,13 +43,9 @@ class Scored:
     correct: np.ndarray  # known photo with the right top-1 (always False for an unknown set)
 
 
-def photos(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
 def score(predictor: Predictor, folder: Path, known: bool, min_precision: float | None, batch: int) -> Scored:
     labels = {c.label: i for i, c in enumerate(predictor.classes)}
-    files = photos(folder)
+    files = image_files(folder)
     if not files:
         raise SystemExit(f"no photos under {folder}")
     if known and not {f.parent.name for f in files} <= set(labels):

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from landmark.meta import ModelRecord
-from landmark.open_set import OpenSet, features, log_softmax, logsumexp, scores, threshold_for_precision, unit
+from landmark.open_set import OpenSet, features, log_softmax, logsumexp, scores, unit
 from landmark.preprocess import PreprocessConfig, load_input
 from landmark.runtime import Outputs
-from train.data import IMAGE_EXTENSIONS, DataSplits
+from train.data import DataSplits, image_files
 
 BATCH = 32
 
@@ -48,7 +48,7 @@ def negative_photos(folders: list[Path]) -> tuple[list[Path], list[Path]]:
     for folder in folders:
         if not folder.is_dir():
             raise SystemExit(f"negatives folder not found: {folder}")
-        photos = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        photos = image_files(folder)
         if len(photos) < 2:
             raise SystemExit(f"negatives folder {folder} holds {len(photos)} photos; need at least 2")
         fit += photos[0::2]
@@ -112,8 +112,7 @@ def fit(train: Features, val: Features, neg_fit: Features | None, neg_val: Featu
     log_p, _, log_conf = scores(temperature, head, Outputs(queries.logits, queries.embedding))
     correct = (queries.labels >= 0) & (log_p.argmax(1) == queries.labels)
     decision = OpenSet(temperature, head, log_conf, correct, min_precision)
-    threshold = threshold_for_precision(log_conf, correct, min_precision)
-    tagged = log_conf >= threshold
+    tagged = log_conf >= decision.log_threshold()
     known = queries.labels >= 0
     summary = {
         "method": "temperature-scaled softmax x P(known) of a (K+1)-way logistic head" if head is not None
