@@ -35,9 +35,12 @@ SRC ?=
 DST ?=
 TAG_ARGS ?=
 RUNS ?=
+SOAK_ARGS ?=
+FAULT_ARGS ?=
+SWEEP_ARGS ?=
 
 .PHONY: help install data train train-scratch train-transfer ensemble export eval-open-set archive serve ready predict stop \
-	bench app tag browser-deps test lint demo clean
+	bench soak sweep faults app tag browser-deps test lint demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -88,6 +91,15 @@ stop: $(STAMP)  ## stop the TorchServe started by make serve
 
 bench: $(STAMP)  ## latency benchmarks: eager / TorchScript / ONNX Runtime CPU+CUDA, and the served endpoint
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+soak: $(STAMP)  ## 10,000 requests at concurrency 8 (Locust; 5% bad inputs): errors, p99 per window, worker PSS (MODEL_DIR, SOAK_ARGS)
+	$(PY) -m benchmarks.soak --model-dir "$(MODEL_DIR)" --backend $(BACKEND) $(SOAK_ARGS)
+
+sweep: $(STAMP)  ## serving settings by measurement: workers x batch x delay, overload, slowest request (MODEL_DIR)
+	$(PY) -m benchmarks.sweep --model-dir "$(MODEL_DIR)" --backend $(BACKEND) $(SWEEP_ARGS)
+
+faults: $(STAMP)  ## SIGKILL workers under load, SIGKILL the server and restart, read-only / full disk (MODEL_DIR)
+	$(PY) -m benchmarks.faults --model-dir "$(MODEL_DIR)" --backend $(BACKEND) $(FAULT_ARGS)
 
 app: $(STAMP)  ## the tagging web page on http://127.0.0.1:8000/ (APP_PORT), proxying to the `make serve` TorchServe
 	$(PY) -m app.web --port $(APP_PORT)

@@ -4,7 +4,6 @@ measured in the same run so the difference is TorchServe's own overhead."""
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,8 +13,8 @@ from pathlib import Path
 import psutil
 import requests
 
+from benchmarks.load import archive_settings, own_server
 from benchmarks.stats import summarize_ms, time_loop
-from handlers.settings import BATCH_SIZE, MAX_BATCH_DELAY_MS, THREADS
 from handlers.tokens import Keys
 from landmark.run_files import model_file
 
@@ -106,11 +105,6 @@ def server_memory(server) -> dict:
             "frontend_rss_mb": round(sum(filter(None, (rss_mb(p) for p in others))), 1) if others else None}
 
 
-def archive_settings() -> dict:
-    """The batching/thread settings ``make archive`` uses (handlers.settings' defaults)."""
-    return {"batch_size": BATCH_SIZE, "max_batch_delay": MAX_BATCH_DELAY_MS, "threads": THREADS}
-
-
 def run_loads(url: str, keys: Keys, body: bytes, loads: list[Load], warmup: int = 4) -> list[dict]:
     """The key is taken (and renewed if expired) per level, not per request, to keep file reads out of the timings."""
     def headers() -> dict:
@@ -124,24 +118,11 @@ def bench_own_server(model_dir: Path, backend: str, body: bytes, loads: list[Loa
                      max_batch_delay: int | None = None, start_timeout: float = 240) -> dict:
     """Archive ``model_dir`` as ``make archive`` does (optionally another batching delay), start an
     isolated TorchServe on free loopback ports, load it, stop it."""
-    from handlers.archive import build
-    from handlers.process import TorchServe
-
-    settings = archive_settings()
-    if max_batch_delay is not None:
-        settings["max_batch_delay"] = max_batch_delay
-    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        store = Path(tmp) / "store"
-        build(model_dir, backend, "landmark", "bench", store, force=True, **settings)
-        server = TorchServe(store, "landmark", workdir=Path(tmp) / "ts")
-        t0 = time.perf_counter()
-        try:
-            server.start(timeout=start_timeout)
-            cold = time.perf_counter() - t0
-            levels = run_loads(server.url(), server.keys, body, loads)
-            memory = server_memory(server)
-        finally:
-            server.stop()
+    settings = archive_settings() if max_batch_delay is None else archive_settings(max_batch_delay=max_batch_delay)
+    with own_server(model_dir, backend, settings, start_timeout=start_timeout) as server:
+        cold = server.cold_start_s
+        levels = run_loads(server.url(), server.keys, body, loads)
+        memory = server_memory(server)
     ref = inprocess_reference(model_file(model_dir, backend), body, settings["threads"], ref_budget_s)
     return {"server": "own", "backend": backend, "archive": settings, "cold_start_s": cold, **memory,
             "levels": levels, "inprocess": ref, **overhead(levels, ref)}

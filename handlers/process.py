@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,6 +36,8 @@ from handlers.settings import (
     base_url,
 )
 from handlers.tokens import Keys, TokenError
+
+MIN_FREE_BYTES = 64 * 2**20  # logs and TorchServe's temporary files, beside the unpacked archives
 
 
 def free_ports(n: int) -> list[int]:
@@ -163,9 +166,7 @@ class TorchServe:
         busy = [f"{k}={v}" for k, v in self.ports.items() if port_in_use(v)]
         if busy:
             raise RuntimeError(f"ports in use ({', '.join(busy)}): is another TorchServe running? `make stop`")
-        tmp, logs = self.workdir / "tmp", self.workdir / "logs"
-        for d in (tmp, logs):
-            d.mkdir(parents=True, exist_ok=True)
+        tmp, logs = self._prepare_workdir()
         for stale in (KEY_FILE_NAME, "logs/model_log.log"):
             (self.workdir / stale).unlink(missing_ok=True)
         env = {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp), "LOG_LOCATION": str(logs),
@@ -178,6 +179,27 @@ class TorchServe:
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         self.pid = proc.pid
         return proc
+
+    def _prepare_workdir(self) -> tuple[Path, Path]:
+        """The workdir's tmp/ and logs/, checked writable and with room for the unpacked archives: a
+        read-only or full disk fails here, naming the folder, instead of as a worker that never loads."""
+        tmp, logs = self.workdir / "tmp", self.workdir / "logs"
+        try:
+            for d in (tmp, logs):
+                d.mkdir(parents=True, exist_ok=True)
+            probe = logs / ".write-probe"
+            probe.write_bytes(bytes(2**16))
+            probe.unlink()
+        except OSError as e:
+            raise RuntimeError(f"cannot write to the server folder {self.workdir} ({e.strerror}): it holds "
+                               "TorchServe's logs, keys and unpacked archives: make it writable, or start with "
+                               "`python -m handlers.server --workdir <folder> start`") from e
+        need = sum((self.model_store / f"{m}.mar").stat().st_size for m in self.models) + MIN_FREE_BYTES
+        free = shutil.disk_usage(self.workdir).free
+        if free < need:
+            raise RuntimeError(f"only {free / 2**20:.0f} MB free in the server folder {self.workdir}; TorchServe "
+                               f"needs about {need / 2**20:.0f} MB there (the unpacked archives plus logs)")
+        return tmp, logs
 
     def _ready(self) -> bool:
         try:
@@ -202,13 +224,24 @@ class TorchServe:
         server.pid = state["pid"]
         return server
 
+    def _launcher(self) -> psutil.Process | None:
+        """The live TorchServe launcher of ``self.pid``; None when it is gone or the pid was reused."""
+        with contextlib.suppress(psutil.Error, TypeError):
+            root = psutil.Process(self.pid)
+            if "torchserve" in " ".join(root.cmdline()):
+                return root
+        return None
+
+    def running(self) -> bool:
+        return self._launcher() is not None
+
     def stop(self, grace: float = 20) -> None:
         """Stop the Java frontend (it stops its workers), then kill whatever of the tree outlives ``grace``."""
         if self.pid is not None:
             procs, frontend = [], []
-            with contextlib.suppress(psutil.NoSuchProcess):
-                root = psutil.Process(self.pid)
-                if "torchserve" in " ".join(root.cmdline()):  # not a stale pid reused by something else
+            root = self._launcher()
+            if root is not None:
+                with contextlib.suppress(psutil.Error):
                     procs, frontend = [root, *root.children(recursive=True)], root.children() or [root]
             for p in frontend:  # the launcher exits with the frontend
                 with contextlib.suppress(psutil.NoSuchProcess):

@@ -81,8 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "start":
         server = TorchServe(args.store, args.name.split(","), args.workdir, args.config, config_ports(args.config))
         if (args.workdir / STATE_FILE).is_file():
-            print(f"a server from {args.workdir} may still run: `make stop` first", file=sys.stderr)
-            return 1
+            try:
+                previous = TorchServe.attach(args.workdir)
+            except (ValueError, KeyError, TypeError):  # a state file cut short by a crash
+                previous = TorchServe(args.store, args.name.split(","), args.workdir, args.config)
+            if previous.running():
+                print(f"TorchServe from {args.workdir} is running (pid {previous.pid}): `make stop` first",
+                      file=sys.stderr)
+                return 1
+            print(f"the server of {args.workdir} (pid {previous.pid}) is gone: starting over its stale state")
+            previous.stop()  # kills any orphaned worker of it, removes the state file
         try:
             server.start(args.timeout)
         except (FileNotFoundError, RuntimeError, TimeoutError) as e:

@@ -7,16 +7,13 @@ the Prometheus endpoint, and Open Inference Protocol v2 requests over REST."""
 from __future__ import annotations
 
 import base64
-import functools
 import io
 import json
 import re
-import struct
 import subprocess
 import sys
 import time
 import zipfile
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +25,7 @@ import requests
 from conftest import ROOT, broken_store, synthetic_photo
 from PIL import Image
 
+from benchmarks.bad_inputs import bad_inputs, png_bomb
 from handlers.archive import PACKAGE, build
 from handlers.process import TorchServe, free_ports
 from handlers.server import ready as ready_command
@@ -46,18 +44,6 @@ def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kwargs)
     return buf.getvalue()
-
-
-@functools.cache
-def png_bomb(side: int = 20_000) -> bytes:
-    """A valid 1-bit PNG of side x side pixels (400 Mpx) that is a few kB on disk."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    row = b"\x00" * (1 + side // 8)
-    z = zlib.compressobj(9)
-    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
-    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")
@@ -325,18 +311,6 @@ def test_served_equals_offline_predictor_for_every_format(server: TorchServe, mo
         assert np.allclose([p["probability"] for p in served["top_k"]], [p["probability"] for p in offline["top_k"]],
                            atol=2e-6), kind
         assert served["landmark"] == offline["landmark"] and served["reason"] == offline["reason"], kind
-
-
-def bad_inputs(jpeg: bytes) -> dict[str, bytes]:
-    return {
-        "empty": b"",
-        "garbage": bytes(range(256)) * 4,
-        "truncated_jpeg": jpeg[: len(jpeg) // 2],
-        "text": b"hello, this is not a photo",
-        "bad_base64": b"aGVsbG8=",  # valid base64 of 'hello': not an image either
-        "decompression_bomb": png_bomb(),
-        "html": b"<html><body>no</body></html>",
-    }
 
 
 @pytest.mark.parametrize("model", MODELS)

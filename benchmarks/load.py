@@ -1,0 +1,173 @@
+"""Load through Locust (a standard load tool, not a hand-written loop) against an isolated TorchServe,
+with the worker memory and per-request records the soak and the fault runs judge.
+
+``own_server`` archives a run folder as ``make archive`` does and starts it on free loopback ports in
+a temporary workdir; ``Plan`` is the ordered list of bodies (real photos, every n-th one a bad input);
+``run_locust`` sends it headless and returns one record per request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from benchmarks.bad_inputs import bad_inputs
+from benchmarks.stats import percentile
+from handlers.process import TorchServe
+from handlers.settings import CONFIG
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
+
+
+def archive_settings(**overrides: int) -> dict[str, int]:
+    """The batching/thread settings ``make archive`` uses (handlers.settings), with ``overrides``."""
+    from handlers.settings import BATCH_SIZE, MAX_BATCH_DELAY_MS, THREADS
+
+    return {"batch_size": BATCH_SIZE, "max_batch_delay": MAX_BATCH_DELAY_MS, "threads": THREADS, **overrides}
+
+
+def write_config(path: Path, properties: dict[str, object]) -> Path:
+    """serve_config/config.properties with ``properties`` in place of its own values of them."""
+    kept = [ln for ln in CONFIG.read_text(encoding="utf-8").splitlines()
+            if ln.split("=", 1)[0].strip() not in properties]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([*kept, *(f"{k}={v}" for k, v in properties.items())]) + "\n", encoding="utf-8")
+    return path
+
+
+@contextlib.contextmanager
+def own_server(model_dir: Path, backend: str = "onnx", settings: dict[str, int] | None = None,
+               workers: int | None = None, start_timeout: float = 240,
+               properties: dict[str, object] | None = None) -> Iterator[TorchServe]:
+    """``model_dir`` archived with ``settings`` (default: ``make archive``'s) and served, with
+    serve_config/config.properties (``properties`` overriding some of it), until the block ends."""
+    from handlers.archive import build
+
+    with tempfile.TemporaryDirectory(prefix="load-serve-") as tmp:
+        store, config = Path(tmp) / "store", CONFIG
+        build(model_dir, backend, "landmark", "load", store, force=True, **(settings or archive_settings()))
+        if properties:
+            config = write_config(Path(tmp) / "config.properties", properties)
+        server = TorchServe(store, "landmark", workdir=Path(tmp) / "ts", config=config, workers=workers)
+        with server.start(start_timeout):
+            yield server
+
+
+@dataclass
+class Plan:
+    """Bodies on disk and the order to send them in; ``expect`` is each body's right status."""
+    folder: Path
+    items: list[dict] = field(default_factory=list)
+    schedule: list[int] = field(default_factory=list)
+
+    def add(self, kind: str, body: bytes, content_type: str, expect: int) -> int:
+        path = self.folder / f"body-{len(self.items)}"
+        path.write_bytes(body)
+        self.items.append({"kind": kind, "file": str(path), "content_type": content_type, "expect": expect})
+        return len(self.items) - 1
+
+    @classmethod
+    def mixed(cls, folder: Path, photos: list[Path], n: int, bad_every: int = 0) -> Plan:
+        """n requests cycling through ``photos``; with ``bad_every`` k, every k-th is the next bad input."""
+        if not photos:
+            raise ValueError("no photos to send")
+        folder.mkdir(parents=True, exist_ok=True)
+        plan = cls(folder)
+        good = [plan.add("photo", p.read_bytes(), CONTENT_TYPES.get(p.suffix.lower(), "image/jpeg"), 200)
+                for p in photos]
+        bad = ([plan.add(kind, body, "application/octet-stream", 400)
+                for kind, body in bad_inputs(photos[0].read_bytes()).items()] if bad_every else [])
+        for i in range(n):
+            if bad and i % bad_every == bad_every - 1:
+                plan.schedule.append(bad[(i // bad_every) % len(bad)])
+            else:
+                plan.schedule.append(good[i % len(good)])
+        return plan
+
+
+def run_locust(server: TorchServe, plan: Plan, concurrency: int, timeout_s: float) -> list[dict]:
+    """Send ``plan`` with ``concurrency`` Locust users; one record per request, in plan order."""
+    records = plan.folder / "records.json"
+    plan_file = plan.folder / "plan.json"
+    plan_file.write_text(json.dumps({
+        "path": f"/predictions/{server.model}", "key_file": str(server.keys.key_file),
+        "management_url": server.management_url, "items": plan.items, "schedule": plan.schedule,
+        "records": str(records)}), encoding="utf-8")
+    cmd = [str(Path(sys.executable).with_name("locust")), "-f", str(LOCUSTFILE), "--headless",
+           "-u", str(concurrency), "-r", str(concurrency), "--host", server.inference_url,
+           "--run-time", f"{int(timeout_s)}s", "--stop-timeout", "30", "--only-summary", "--loglevel", "WARNING",
+           "--exit-code-on-error", "0"]
+    env = {**os.environ, "LANDMARK_LOAD_PLAN": str(plan_file), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s + 60)
+    if done.returncode != 0 or not records.is_file():
+        raise RuntimeError(f"locust exited with {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return json.loads(records.read_text(encoding="utf-8"))
+
+
+def worker_memory(server: TorchServe) -> dict[str, dict[str, float]]:
+    """RSS and PSS (shared pages split among the processes sharing them) of each worker, in MB, by pid
+    (a string, as it reads back from JSON)."""
+    out = {}
+    for pid in server.worker_pids():
+        with contextlib.suppress(psutil.Error):
+            info = psutil.Process(pid).memory_full_info()
+            out[str(pid)] = {"rss_mb": round(info.rss / 2**20, 1), "pss_mb": round(info.pss / 2**20, 1)}
+    return out
+
+
+class MemoryTrace:
+    """Worker memory every ``every_s`` seconds in a background thread, while the load runs."""
+
+    def __init__(self, server: TorchServe, every_s: float = 5.0) -> None:
+        self.server, self.every_s, self.samples = server, every_s, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):  # a worker being restarted is missing from one sample
+                self.samples.append({"t": time.time(), "workers": worker_memory(self.server)})
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> MemoryTrace:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def latency_ms(records: list[dict]) -> dict:
+    """p50 / p99 / max of the records' latencies (ms)."""
+    ms = [r["ms"] for r in records]
+    if not ms:
+        return {"n": 0}
+    return {"n": len(ms), "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "max_ms": max(ms)}
+
+
+def outcomes(records: list[dict]) -> dict[str, dict[str, int]]:
+    """kind -> {status: count}, e.g. {"photo": {"200": 9500}, "empty": {"400": 72}}."""
+    out: dict[str, dict[str, int]] = {}
+    for r in records:
+        by_status = out.setdefault(r["kind"], {})
+        by_status[str(r["status"])] = by_status.get(str(r["status"]), 0) + 1
+    return out
+
+
+def unexpected(records: list[dict]) -> list[dict]:
+    """Requests whose status is not the one their body deserves (0 = no HTTP answer at all)."""
+    return [r for r in records if r["status"] != r["expect"]]

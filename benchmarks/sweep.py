@@ -1,0 +1,158 @@
+"""Serving settings by measurement (``make sweep``): the same Locust load against the served model
+for each worker count, batch size and batching delay, then an overload past ``job_queue_size``, and
+the slowest legitimate request (a photo at the pixel limit) against ``default_response_timeout``.
+The values in serve_config/config.properties and handlers/settings.py cite this run.
+
+Writes benchmarks/results/sweep-<host>-<time>.{json,md}.
+
+  python -m benchmarks.sweep --model-dir artifacts/wh13
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+from PIL import Image
+
+from benchmarks.inputs import list_photos
+from benchmarks.load import Plan, archive_settings, latency_ms, outcomes, own_server, run_locust, worker_memory
+from handlers.settings import CONFIG, read_properties
+from landmark import atomic
+from landmark.cli import positive_int
+from landmark.preprocess import DEFAULT_MAX_PIXELS
+
+ROOT = Path(__file__).resolve().parents[1]
+# (workers, batch size, max batch delay ms): each axis varied around the shipped 2 / 4 / 1
+GRID = [(1, 4, 1), (2, 4, 1), (3, 4, 1), (2, 1, 1), (2, 2, 1), (2, 8, 1), (2, 4, 5), (2, 4, 20)]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--backend", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--requests", type=positive_int, default=1000, help="requests per setting")
+    p.add_argument("--concurrency", type=positive_int, default=8)
+    p.add_argument("--overload", type=positive_int, default=4, help="overload concurrency = this x job_queue_size")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    return p
+
+
+def measure(server, photos: list[Path], n: int, concurrency: int, work: Path) -> dict:
+    records = run_locust(server, Plan.mixed(work, photos, n), concurrency, timeout_s=600)
+    ok = [r for r in records if r["status"] == 200]
+    span = max(r["start"] + r["ms"] / 1e3 for r in records) - min(r["start"] for r in records)
+    return {"requests": len(records), "ok_per_s": len(ok) / span, "outcomes": outcomes(records),
+            **latency_ms(ok)}
+
+
+def largest_photo(photo: Path, fmt: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """``photo`` scaled up to just under the pixel limit: the slowest body of ``fmt`` the handler accepts
+    (a JPEG decodes at a reduced scale, a PNG never does)."""
+    with Image.open(photo) as img:
+        scale = (0.98 * max_pixels / (img.width * img.height)) ** 0.5
+        big = img.convert("RGB").resize((int(img.width * scale), int(img.height * scale)))
+    buf = io.BytesIO()
+    big.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {"compress_level": 1}))
+    return buf.getvalue()
+
+
+def slowest_request(server, photo: Path, repeats: int = 3) -> dict:
+    """Worst seconds of ``repeats`` posts of the largest JPEG and PNG (PNGs over max_request_size are skipped)."""
+    limit = int(read_properties(CONFIG)["max_request_size"])
+    out = {}
+    for fmt in ("JPEG", "PNG"):
+        body = largest_photo(photo, fmt)
+        if len(body) > limit:
+            out[fmt] = {"bytes": len(body), "skipped": "over max_request_size"}
+            continue
+        seconds = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            r = server.keys.send(lambda h, body=body, fmt=fmt: requests.post(
+                server.url(), data=body, timeout=300, headers=h), {"Content-Type": f"image/{fmt.lower()}"})
+            seconds.append(time.perf_counter() - t)
+            r.raise_for_status()
+        out[fmt] = {"bytes": len(body), "max_s": max(seconds), "median_s": float(np.median(seconds))}
+    return out
+
+
+def sweep(args: argparse.Namespace, work: Path) -> dict:
+    from benchmarks.soak import default_photo_dirs
+
+    photos = [f for d in default_photo_dirs(args.model_dir)[:1] if d.is_dir() for f in list_photos(d, 100)]
+    rows = []
+    for i, (workers, batch, delay) in enumerate(GRID):
+        settings = archive_settings(batch_size=batch, max_batch_delay=delay)
+        with own_server(args.model_dir, args.backend, settings, workers=workers) as server:
+            run_locust(server, Plan.mixed(work / f"warm{i}", photos, 10 * args.concurrency), args.concurrency, 300)
+            row = {"workers": workers, "batch_size": batch, "max_batch_delay": delay,
+                   **measure(server, photos, args.requests, args.concurrency, work / f"run{i}"),
+                   "worker_pss_mb": [m["pss_mb"] for m in worker_memory(server).values()]}
+        print(f"workers {workers} batch {batch} delay {delay} ms: {row['ok_per_s']:.1f}/s, p50 {row['p50_ms']:.0f} ms, "
+              f"p99 {row['p99_ms']:.0f} ms", flush=True)
+        rows.append(row)
+    queue = int(read_properties(CONFIG)["job_queue_size"])
+    with own_server(args.model_dir, args.backend) as server:
+        over = measure(server, photos, args.requests, args.overload * queue, work / "overload")
+        slow = slowest_request(server, photos[0])
+    return {"grid": rows, "overload": {"job_queue_size": queue, "concurrency": args.overload * queue, **over},
+            "slowest_request": slow,
+            "default_response_timeout_s": int(read_properties(CONFIG)["default_response_timeout"])}
+
+
+def _seconds(v: dict) -> str:
+    return f"{v['max_s']:.2f} s" if "max_s" in v else v["skipped"]
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"# Serving settings: {result['model_dir']} ({result['backend']})", "",
+             f"{m['cpu']}, {m['cores_logical']} logical cores; started {result['started_at']}; Locust, "
+             f"{result['settings']['requests']} photo requests per row at concurrency "
+             f"{result['settings']['concurrency']}.", "",
+             "| workers | batch | delay ms | ok/s | p50 ms | p99 ms | worker PSS MB |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['workers']} | {r['batch_size']} | {r['max_batch_delay']} | {r['ok_per_s']:.1f} | "
+              f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {', '.join(f'{p:.0f}' for p in r['worker_pss_mb'])} |"
+              for r in result["grid"]]
+    o, s = result["overload"], result["slowest_request"]
+    lines += ["", f"Overload: concurrency {o['concurrency']} against job_queue_size {o['job_queue_size']}: "
+              f"outcomes {o['outcomes']}; answered p50 {o.get('p50_ms', 0):.0f} ms, p99 {o.get('p99_ms', 0):.0f} ms.",
+              "", "Slowest accepted requests (a photo scaled to just under the pixel limit), worst of 3, against "
+              f"default_response_timeout {result['default_response_timeout_s']} s: "
+              + "; ".join(f"{fmt} {v['bytes'] / 2**20:.1f} MB: {_seconds(v)}" for fmt, v in s.items())]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if not (args.model_dir / "model_meta.json").is_file():
+        print(f"--model-dir {args.model_dir}: no exported model (model_meta.json)", file=sys.stderr)
+        return 2
+    from benchmarks.machine import machine_info
+    from benchmarks.report import write_json
+
+    t0 = time.time()
+    result = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "machine": machine_info(1),
+              "model_dir": str(args.model_dir), "backend": args.backend,
+              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
+        result.update(sweep(args, Path(tmp)))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out_dir / f"sweep-{socket.gethostname()}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(t0))}"
+    write_json(stem.with_suffix(".json"), result)
+    text = markdown(result)
+    atomic.write_text(stem.with_suffix(".md"), text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

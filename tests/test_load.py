@@ -1,0 +1,84 @@
+"""The soak and the fault runs, short, on the tiny model: a real TorchServe loaded by real Locust,
+workers and servers SIGKILLed for real, a read-only and a full tmpfs under the server's folder.
+The figures of the full runs (``make soak``, ``make faults``) are in the README; here each run must
+judge every request and meet the bars that do not depend on this machine's speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+from benchmarks import faults, soak
+from benchmarks.load import own_server
+from handlers.archive import build
+from handlers.settings import BATCH_SIZE
+
+
+def test_soak_judges_every_request_and_bad_inputs_get_a_400(tiny_model: Path, tiny_data: Path, tmp_path: Path) -> None:
+    rc = soak.main(["--model-dir", str(tiny_model), "--requests", "200", "--window", "50", "--bad-every", "10",
+                    "--workers", "1", "--photos", str(tiny_data / "test"), "--memory-every", "0.5",
+                    "--out-dir", str(tmp_path)])
+    [result_file] = tmp_path.glob("soak-*.json")
+    result = json.loads(result_file.read_text())
+    assert rc == (0 if result["verdict"]["pass"] else 1)
+    assert result["requests"] == 200 and result["unexpected"]["count"] == 0, result["unexpected"]
+    photos = result["outcomes"].pop("photo")
+    assert photos == {"200": 180}
+    assert result["outcomes"] and all(got == {"400": n} for got, n in
+                                      ((v, sum(v.values())) for v in result["outcomes"].values()))
+    assert sum(n for v in result["outcomes"].values() for n in v.values()) == 20
+    assert [w["to"] for w in result["windows"]] == [50, 100, 150, 200] and all(w["p99_ms"] > 0
+                                                                              for w in result["windows"])
+    assert result["workers_replaced"] == [] and len(result["memory"]["end"]) == 1
+    assert all(v["pss_mb"] > 0 for v in result["memory"]["end"].values()) and result["memory"]["trace"]
+    assert result_file.with_suffix(".md").read_text().startswith("# Soak: 200 requests")
+    assert result_file.with_suffix(".png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("killed", [1, 2], ids=["one-worker", "every-worker"])
+def test_a_killed_worker_fails_only_its_batch_and_is_back(tiny_model: Path, tiny_data: Path, tmp_path: Path,
+                                                          killed: int) -> None:
+    photos = sorted((tiny_data / "test").rglob("*.jpg"))
+    args = Namespace(requests=600, kill_after=1.5, concurrency=8, after_requests=100)
+    with own_server(tiny_model, workers=2) as server:
+        r = faults.kill_workers_under_load(server, photos, args, tmp_path, killed)
+    print(f"\n{killed} of 2 workers SIGKILLed: {r['failed']} failed of {r['in_flight_at_kill']} in flight, "
+          f"back in {r['recovery_s']:.1f} s")
+    assert r["failed"] <= BATCH_SIZE * killed, r["failed_examples"]
+    assert all(e["status"] == 507 and "Worker died" in e["error"] for e in r["failed_examples"])
+    assert r["recovery_s"] is not None and r["recovery_s"] <= faults.RECOVERY_BAR_S
+    assert r["failed_after_recovery"] == 0 and r["requests_after_recovery"] >= args.after_requests
+    assert r["ready_went_false"] == (killed == 2)  # ready while one worker is left, not while none is
+    assert r["pass"]
+
+
+def test_a_killed_server_restarts_over_its_stale_state_and_stop_leaves_nothing(tiny_model: Path,
+                                                                               tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    build(tiny_model, "onnx", "landmark", "1.0", store)
+    r = faults.kill_server_and_restart(store, tmp_path / "restart")
+    assert r["killed_processes"] >= 3  # launcher, frontend, at least one worker
+    assert {"server.json", "tmp/.model_server.pid"} <= set(r["stale_files"])
+    assert r["restart_rc"] == 0 and "stale state" in r["restart_output"], r["restart_output"]
+    assert r["ready_rc"] == 0 and r["stop_rc"] == 0 and r["processes_left"] == [] and r["pass"]
+
+
+def can_mount() -> bool:
+    return os.geteuid() == 0 and subprocess.run(["mount", "--version"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not can_mount(), reason="mounting the read-only and the full tmpfs needs root")
+def test_a_read_only_or_full_server_folder_fails_at_once_naming_it(tiny_model: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    build(tiny_model, "onnx", "landmark", "1.0", store)
+    r = faults.storage_faults(store, tmp_path / "storage")
+    assert set(r) == {"read_only", "full_disk", "nearly_full"}
+    assert "Read-only file system" in r["read_only"]["message"]
+    assert "No space left on device" in r["full_disk"]["message"]
+    assert "MB free in the server folder" in r["nearly_full"]["message"]
+    assert all(c["pass"] and c["rc"] == 1 and c["seconds"] < 30 and c["processes_left"] == [] for c in r.values()), r
