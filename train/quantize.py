@@ -156,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
         parity = agreement(fp32, gate_features(load_runner(tmp, device="cpu"), data_dir, cfg), open_set)
         parity["max_drop_points"] = args.max_drop
         summary = (f"test top-1 FP32 {parity['fp32_top1']:.2%} -> INT8 {parity['int8_top1']:.2%} "
-                   f"({parity['top1_drop_points']:+.2f} points drop), top-1 agreement {parity['top1_agreement']:.2%}, "
+                   f"({-parity['top1_drop_points']:+.2f} points), top-1 agreement {parity['top1_agreement']:.2%}, "
                    f"open-set decision agreement {parity['decision_agreement']:.2%} on {parity['n_test']} photos")
         if parity["top1_drop_points"] > args.max_drop:
             raise SystemExit(f"quantize gate FAILED, {dst.name} not written: {summary}; allowed drop {args.max_drop}")
