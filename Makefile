@@ -17,6 +17,7 @@ GIVEN_DATA = $(if $(filter command line environment,$(origin DATA_DIR)),--data-d
 OUT ?=
 TRAIN_ARGS ?=
 EXPORT_ARGS ?=
+QUANT_ARGS ?=
 MODEL_DIR ?= artifacts/$(RECIPE)
 KNOWN ?=
 UNKNOWN ?=
@@ -39,8 +40,8 @@ SOAK_ARGS ?=
 FAULT_ARGS ?=
 SWEEP_ARGS ?=
 
-.PHONY: help install data train train-scratch train-transfer ensemble export eval-open-set archive serve ready predict stop \
-	bench soak sweep faults app tag browser-deps test lint demo clean
+.PHONY: help install data train train-scratch train-transfer ensemble export quantize eval-open-set archive serve ready \
+	predict stop bench soak sweep faults app tag browser-deps test lint demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -70,10 +71,13 @@ ensemble: $(STAMP)  ## average finished runs into one model + export (RUNS="dir1
 export: $(STAMP)  ## re-export a run folder: model.ts, model.onnx, open_set.npz, model_meta.json (OUT, EXPORT_ARGS)
 	$(PY) -m train.export --run-dir "$(or $(OUT),$(MODEL_DIR))" $(EXPORT_ARGS)
 
+quantize: $(STAMP)  ## static INT8 model.int8.onnx beside model.onnx; fails if test top-1 drops > 0.5 points (OUT, QUANT_ARGS)
+	$(PY) -m train.quantize --run-dir "$(or $(OUT),$(MODEL_DIR))" $(QUANT_ARGS)
+
 eval-open-set: $(STAMP)  ## known vs unknown photos at the stored operating point (MODEL_DIR, KNOWN=<test dir>, UNKNOWN="<dir> ...")
 	$(PY) -m train.eval_open_set --model-dir "$(MODEL_DIR)" --known "$(KNOWN)" --unknown $(UNKNOWN)
 
-archive: $(STAMP)  ## build model_store/landmark.mar from a run folder (MODEL_DIR, BACKEND, MODEL_NAME, MODEL_VERSION)
+archive: $(STAMP)  ## build model_store/landmark.mar from a run folder (MODEL_DIR, BACKEND=onnx|onnx-int8|torchscript, ...)
 	$(PY) -m handlers.archive --model-dir "$(MODEL_DIR)" --backend $(BACKEND) --name $(MODEL_NAME) \
 		--version $(MODEL_VERSION) --store "$(MODEL_STORE)" --force
 

@@ -12,7 +12,7 @@ import numpy as np
 from landmark.run_files import BEST, model_file
 from landmark.runtime import Outputs, load_runner
 
-BACKENDS = ("eager", "torchscript", "onnx-cpu", "onnx-cuda", "torchscript-cuda")
+BACKENDS = ("eager", "torchscript", "onnx-cpu", "onnx-int8", "onnx-cuda", "torchscript-cuda")
 ORT_CUDA = "CUDAExecutionProvider"
 
 
@@ -64,7 +64,8 @@ def _cuda_reason() -> str | None:
 def _runner(model_dir: Path, name: str, threads: int) -> Backend:
     """TorchScript / ONNX Runtime through ``landmark.runtime`` (what the handler serves)."""
     kind, device = {"torchscript": ("torchscript", "cpu"), "onnx-cpu": ("onnx", "cpu"),
-                    "onnx-cuda": ("onnx", "cuda"), "torchscript-cuda": ("torchscript", "cuda")}[name]
+                    "onnx-int8": ("onnx-int8", "cpu"), "onnx-cuda": ("onnx", "cuda"),
+                    "torchscript-cuda": ("torchscript", "cuda")}[name]
     path = _need(model_file(model_dir, kind))
     if kind == "torchscript":
         import torch
@@ -79,7 +80,7 @@ def _runner(model_dir: Path, name: str, threads: int) -> Backend:
             raise Unavailable(f"{ORT_CUDA} missing from this onnxruntime build {ort.get_available_providers()}")
     try:
         runner = load_runner(path, device=device, threads=threads)
-        if kind == "onnx":
+        if kind != "torchscript":
             assert_provider(runner.providers, ORT_CUDA if device == "cuda" else "CPUExecutionProvider")
     except (RuntimeError, Unavailable) as e:  # the runner refuses a CUDA request that fell back to CPU
         if device != "cuda":

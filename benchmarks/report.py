@@ -14,7 +14,7 @@ from landmark import atomic
 
 LATEST = "LATEST.md"
 LABELS = {"eager": "PyTorch eager", "torchscript": "TorchScript", "onnx-cpu": "ONNX Runtime CPU",
-          "onnx-cuda": "ONNX Runtime CUDA", "torchscript-cuda": "TorchScript CUDA"}
+          "onnx-int8": "ONNX Runtime INT8", "onnx-cuda": "ONNX Runtime CUDA", "torchscript-cuda": "TorchScript CUDA"}
 HEADER = (f"{'backend':<18}{'batch':>5}{'n':>6}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}{'img/s':>9}"
           f"{'GFLOP/s':>9}{'%peak':>7}{'RSS+MB':>8}{'max|dp|':>9}")
 
@@ -63,11 +63,19 @@ def p50(model: dict, backend: str, batch: int) -> float | None:
 
 
 def comparisons(model: dict) -> list[str]:
-    """Batch-1 TorchScript vs ONNX Runtime CPU side by side, the figure the issue's target is about."""
+    """Batch-1 TorchScript vs ONNX Runtime CPU side by side, the figure the issue's target is about, and
+    the INT8 speed-up over FP32 ONNX at every batch size."""
+    lines = []
     ts, ort = p50(model, "torchscript", 1), p50(model, "onnx-cpu", 1)
-    if ts is None or ort is None:
-        return []
-    return [f"batch 1 p50: TorchScript {ts:.2f} ms | ONNX Runtime CPU {ort:.2f} ms -> ORT/TS = {ort / ts:.2f}x"]
+    if ts is not None and ort is not None:
+        lines.append(f"batch 1 p50: TorchScript {ts:.2f} ms | ONNX Runtime CPU {ort:.2f} ms -> "
+                     f"ORT/TS = {ort / ts:.2f}x")
+    int8 = next((r for r in model.get("backends", []) if r["backend"] == "onnx-int8" and r["status"] == "ok"), None)
+    speedups = [(c["batch"], fp32 / c["p50_ms"]) for c in (int8 or {}).get("cells", [])
+                if (fp32 := p50(model, "onnx-cpu", c["batch"])) is not None]
+    if speedups:
+        lines.append("INT8 speed-up over FP32 ONNX (p50): " + ", ".join(f"batch {b} {x:.2f}x" for b, x in speedups))
+    return lines
 
 
 def served_table(served: dict) -> str:

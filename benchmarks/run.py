@@ -1,7 +1,7 @@
 """Latency benchmarks of the exported landmark models and of the served endpoint (``make bench``).
 
-For each model folder and backend (PyTorch eager, TorchScript, ONNX Runtime CPU/CUDA, TorchScript
-CUDA) at each batch size: warm-up, then timed calls until the per-cell budget is spent; mean /
+For each model folder and backend (PyTorch eager, TorchScript, ONNX Runtime CPU FP32/INT8 and CUDA,
+TorchScript CUDA) at each batch size: warm-up, then timed calls until the per-cell budget is spent; mean /
 p50 / p90 / p99 latency, images/s, peak memory, GFLOP/s against this machine's measured matmul
 peak, and the largest probability difference from eager on identical inputs. Then the TorchServe
 endpoint at several concurrencies against the in-process cost of the same JPEG. Prints a table
@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from benchmarks.machine import default_threads, pin_threads
 from landmark.cli import non_negative_int, positive_float, positive_int
-from landmark.run_files import META
+from landmark.run_files import META, MODEL_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = (ROOT / "artifacts" / "scratch", ROOT / "artifacts" / "transfer")
@@ -55,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("served endpoint")
     g.add_argument("--no-serve", action="store_true", help="skip the TorchServe benchmark")
     g.add_argument("--serve-model-dir", type=Path, help="model to archive and serve (default: the last model dir)")
-    g.add_argument("--serve-backend", choices=["onnx", "torchscript"], default="onnx")
+    g.add_argument("--serve-backend", choices=sorted(MODEL_FILES), default="onnx")
     g.add_argument("--url", help="benchmark a running server at this predictions URL instead of starting one")
     g.add_argument("--token-file", type=Path, help="key_file.json (renewed through the management API named by "
                    "the server.json beside it) or a file with the inference key (with --url)")

@@ -1,6 +1,6 @@
 """Build ``<store>/<name>.mar`` from an exported model folder with torch-model-archiver.
 
-The archive holds the handler, one network (model.onnx or model.ts), model_meta.json, the fitted
+The archive holds the handler, one network (model.onnx, model.int8.onnx or model.ts), model_meta.json, the fitted
 open-set decision (open_set.npz), a
 model-config.yaml (batching, handler threads and pixel limit) and the whole ``landmark`` inference
 package, so the one preprocessing definition travels with the model and no file list can go stale.
@@ -80,7 +80,8 @@ def build(model_dir: Path, backend: str, name: str, version: str, store: Path, f
     if not missing and read_meta(model_dir).open_set is not None and not (model_dir / OPEN_SET).is_file():
         missing.append(OPEN_SET)
     if missing:
-        raise FileNotFoundError(f"{model_dir} lacks {', '.join(missing)}: run `make export OUT={model_dir}` first")
+        make = "quantize" if missing == [model_file.name] and backend == "onnx-int8" else "export"
+        raise FileNotFoundError(f"{model_dir} lacks {', '.join(missing)}: run `make {make} OUT={model_dir}` first")
     target = store / f"{name}.mar"
     if target.exists() and not force:
         raise FileExistsError(f"{target} exists: pass --force (-f) to overwrite")

@@ -81,6 +81,21 @@ class ModelRecord:
 
 
 @dataclass(frozen=True)
+class Int8Record:
+    """What ``train.quantize`` published beside model.onnx: the static INT8 file, the choices that made
+    it (so a rerun can repeat them) and its accuracy gate on the test split (so a reader knows how far
+    the served INT8 answers may differ from FP32)."""
+
+    file: str  # model.int8.onnx
+    sha256: str
+    source_sha256: str  # the model.onnx it was quantized from: a re-export makes it stale
+    recipe: dict[str, Any]  # format, per-channel, types, calibration method and photos, excluded nodes
+    parity: dict[str, Any]  # FP32 vs INT8 on the test split: top-1 of each, agreement, open-set decisions
+    onnxruntime: str
+    quantized_at: str
+
+
+@dataclass(frozen=True)
 class ModelMeta:
     """``model_meta.json``: the record plus what export measured and wrote."""
 
@@ -94,6 +109,7 @@ class ModelMeta:
     torch: str
     exported_at: str
     open_set: dict[str, Any] | None = None  # the fitted unknown-place decision, where there is one
+    int8: Int8Record | None = None  # the quantized model.int8.onnx, where ``make quantize`` made one
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -112,10 +128,14 @@ class ModelMeta:
     def from_dict(cls, d: dict) -> ModelMeta:
         d = _upgrade(d, "model metadata")
         return cls(ModelRecord.from_dict(d["model"]), d["model_version"], tuple(d["outputs"]), d["metrics"],
-                   d["parity"], d["files"], d["onnx_opset"], d["torch"], d["exported_at"], d.get("open_set"))
+                   d["parity"], d["files"], d["onnx_opset"], d["torch"], d["exported_at"], d.get("open_set"),
+                   Int8Record(**d["int8"]) if d.get("int8") else None)
 
     def with_open_set(self, open_set: dict) -> ModelMeta:
         return replace(self, open_set=open_set)
+
+    def with_int8(self, int8: Int8Record) -> ModelMeta:
+        return replace(self, int8=int8)
 
 
 def _strip_shared(model_args: dict) -> dict:

@@ -13,7 +13,8 @@ BEST, LAST, LOG = "best.pt", "last.pt", "log.jsonl"
 METRICS, CURVES, CONFUSION = "metrics.json", "curves.png", "confusion.png"
 META = "model_meta.json"
 OPEN_SET = "open_set.npz"  # the fitted open-set decision (landmark.open_set), beside the model files
-MODEL_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}  # backend -> exported file
+# backend -> exported file; onnx-int8 is written by train.quantize, the others by train.export
+MODEL_FILES = {"torchscript": "model.ts", "onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
 
 
 def model_file(model_dir: Path, backend: str) -> Path:

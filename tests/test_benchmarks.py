@@ -144,7 +144,8 @@ def test_cli_backend_rows(bench_run: tuple[dict, Path, str]) -> None:
     assert missing["status"].startswith("skipped: folder not found")
     assert model["status"] == "ok" and model["inputs"]["unique_photos"] > 0 and model["flops_per_image"] > 0
     rows = {r["backend"]: r for r in model["backends"]}
-    assert set(rows) == {"eager", "torchscript", "onnx-cpu", "onnx-cuda", "torchscript-cuda"}
+    assert set(rows) == {"eager", "torchscript", "onnx-cpu", "onnx-int8", "onnx-cuda", "torchscript-cuda"}
+    assert rows["onnx-int8"]["status"] == "unavailable: model.int8.onnx not found in " + model["path"]  # no quantize
     for name in ("eager", "torchscript", "onnx-cpu"):
         row = rows[name]
         assert row["status"] == "ok", row["status"]

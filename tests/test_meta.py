@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from landmark.meta import SCHEMA_VERSION, ModelMeta, ModelRecord, SchemaError
+from landmark.meta import SCHEMA_VERSION, Int8Record, ModelMeta, ModelRecord, SchemaError
 from landmark.run_files import BEST, META, load_checkpoint_file, read_meta, save_checkpoint
 
 CLASSES = [{"label": "16.Eiffel_Tower", "name": "Eiffel Tower",
@@ -35,8 +35,22 @@ def test_version_1_metadata_loads_with_each_fact_once(tmp_path: Path) -> None:
                                         "input_size": 224}
     assert meta.classes[0].location.country == "France" and meta.classes[1].location is None
     assert meta.outputs == ("logits",) and meta.open_set is None and meta.model.data_fingerprint == "abc"
+    assert meta.int8 is None  # written before train.quantize
     again = ModelMeta.from_dict(json.loads(json.dumps(meta.to_dict())))
     assert again == meta and meta.to_dict()["schema_version"] == SCHEMA_VERSION
+
+
+def test_int8_record_round_trips_and_is_optional() -> None:
+    meta = ModelMeta.from_dict(json.loads(json.dumps({**V1_META})))
+    v2 = meta.to_dict()
+    assert "int8" in v2 and v2["int8"] is None
+    del v2["int8"]  # version 2 metadata written before train.quantize existed
+    assert ModelMeta.from_dict(v2) == meta
+    record = Int8Record("model.int8.onnx", "11", "00", {"format": "qoperator", "exclude": ["head"]},
+                        {"fp32_top1": 0.9, "int8_top1": 0.9}, "1.31.1", "2026-12-02T00:00:00Z")
+    quantized = meta.with_int8(record)
+    again = ModelMeta.from_dict(json.loads(json.dumps(quantized.to_dict())))
+    assert again == quantized and again.int8 == record and again.model == meta.model
 
 
 def test_unknown_schema_version_is_refused_by_name(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from train.onnx_graph import optimize
 from train.open_set import fit_for_run
 
 ONNX_OPSET = 17
+EXPORTED = {backend: MODEL_FILES[backend] for backend in ("torchscript", "onnx")}  # INT8: train.quantize
 
 
 def load_checkpoint(run_dir: Path) -> tuple[torch.nn.Module, ModelRecord]:
@@ -159,7 +160,7 @@ def main(args: argparse.Namespace) -> int:
     example = torch.from_numpy(batch[:2])
 
     with tempfile.TemporaryDirectory(dir=args.run_dir, prefix=".export-") as tmp:
-        staged = {backend: Path(tmp) / name for backend, name in MODEL_FILES.items()}
+        staged = {backend: Path(tmp) / name for backend, name in EXPORTED.items()}
         exported = WithEmbedding(net).eval()
         export_torchscript(exported, example, staged["torchscript"])
         staged["onnx"].write_bytes(export_onnx(exported, example))
@@ -177,12 +178,13 @@ def main(args: argparse.Namespace) -> int:
             torch=torch.__version__, exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             open_set=open_set)
         write_meta_file(Path(tmp) / META, meta)
-        (args.run_dir / OPEN_SET).unlink(missing_ok=True)  # a decision fitted for an earlier export
+        for stale in (OPEN_SET, MODEL_FILES["onnx-int8"]):  # fitted on / quantized from an earlier export
+            (args.run_dir / stale).unlink(missing_ok=True)
         for path in Path(tmp).iterdir():
             os.replace(path, args.run_dir / path.name)
-    print(f"exported {', '.join(MODEL_FILES.values())}, {META} to {args.run_dir}; parity on "
+    print(f"exported {', '.join(EXPORTED.values())}, {META} to {args.run_dir}; parity on "
           f"{parity['n_images']} photos: " + ", ".join(f"{b} max|dp|={parity[b]['max_abs_prob_diff']:.1e}"
-                                                         for b in MODEL_FILES))
+                                                         for b in EXPORTED))
     return 0
 
 
