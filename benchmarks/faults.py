@@ -37,6 +37,7 @@ from handlers.process import TorchServe, free_ports
 from handlers.settings import PORT_KEYS, base_url
 from landmark import atomic
 from landmark.cli import positive_float, positive_int
+from landmark.run_files import MODEL_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 RECOVERY_BAR_S = 15.0
@@ -45,7 +46,7 @@ RECOVERY_BAR_S = 15.0
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, required=True, help="an exported run folder (make train / export)")
-    p.add_argument("--backend", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--backend", choices=list(MODEL_FILES), default="onnx")
     p.add_argument("--concurrency", type=positive_int, default=8)
     p.add_argument("--requests", type=positive_int, default=1500, help="requests of the load a worker dies under")
     p.add_argument("--kill-after", type=positive_float, default=3.0, help="seconds into the load")

@@ -27,6 +27,7 @@ from benchmarks.inputs import SHARED, list_photos
 from benchmarks.load import MemoryTrace, Plan, latency_ms, outcomes, own_server, run_locust, unexpected, worker_memory
 from landmark import atomic
 from landmark.cli import positive_int
+from landmark.run_files import MODEL_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 BARS = {"unexpected_errors": 0, "pss_growth_pct": 5.0, "p99_last_over_first": 1.5}
@@ -35,7 +36,7 @@ BARS = {"unexpected_errors": 0, "pss_growth_pct": 5.0, "p99_last_over_first": 1.
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, required=True, help="an exported run folder (make train / export)")
-    p.add_argument("--backend", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--backend", choices=list(MODEL_FILES), default="onnx")
     p.add_argument("--requests", type=positive_int, default=10_000)
     p.add_argument("--concurrency", type=positive_int, default=8)
     p.add_argument("--bad-every", type=positive_int, default=20, help="every n-th request is a bad input (20: 5%%)")

@@ -75,7 +75,7 @@ def save_soak_chart(result: dict, path: Path) -> None:
     t0 = trace[0]["t"] if trace else 0
     for pid in sorted({p for s in trace for p in s["workers"]}):
         points = [(s["t"] - t0, s["workers"][pid]["pss_mb"]) for s in trace if pid in s["workers"]]
-        mem.plot(*zip(*points, strict=True), label=f"worker {pid}")
+        mem.plot(*zip(*points, strict=True), ".-", label=f"worker {pid}")
     mem.set(xlabel="seconds", ylabel="PSS, MB", title="worker memory", ylim=(0, None))
     mem.legend(fontsize=8)
     m = result["machine"]

@@ -28,6 +28,7 @@ from handlers.settings import CONFIG, read_properties
 from landmark import atomic
 from landmark.cli import positive_int
 from landmark.preprocess import DEFAULT_MAX_PIXELS
+from landmark.run_files import MODEL_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 # (workers, batch size, max batch delay ms): each axis varied around the shipped 2 / 4 / 1
@@ -37,7 +38,7 @@ GRID = [(1, 4, 1), (2, 4, 1), (3, 4, 1), (2, 1, 1), (2, 2, 1), (2, 8, 1), (2, 4,
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, required=True)
-    p.add_argument("--backend", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--backend", choices=list(MODEL_FILES), default="onnx")
     p.add_argument("--requests", type=positive_int, default=1000, help="requests per setting")
     p.add_argument("--concurrency", type=positive_int, default=8)
     p.add_argument("--overload", type=positive_int, default=4, help="overload concurrency = this x job_queue_size")
