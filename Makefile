@@ -39,9 +39,13 @@ RUNS ?=
 SOAK_ARGS ?=
 FAULT_ARGS ?=
 SWEEP_ARGS ?=
+# the container image (deploy/Dockerfile): podman where installed, else docker
+ENGINE ?= $(shell command -v podman || command -v docker || echo podman)
+IMAGE ?= landmark:$(MODEL_VERSION)
+MAR ?= $(MODEL_STORE)/$(MODEL_NAME).mar
 
 .PHONY: help install data train train-scratch train-transfer ensemble export quantize eval-open-set archive serve ready \
-	predict stop bench soak sweep faults app tag browser-deps test lint demo clean
+	predict stop bench soak sweep faults app tag image browser-deps test lint demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -110,6 +114,11 @@ app: $(STAMP)  ## the tagging web page on http://127.0.0.1:8000/ (APP_PORT), pro
 
 tag: $(STAMP)  ## GPS EXIF into copies of the photos in SRC, written to DST (TAG_ARGS="--local artifacts/transfer")
 	$(PY) -m app.tag --src "$(SRC)" --dst "$(DST)" $(TAG_ARGS)
+
+image:  ## container image serving MAR as a non-root user, for deploy/k8s (ENGINE, IMAGE; docs/deploy.md)
+	@[ -f "$(MAR)" ] || { echo "image: no $(MAR): run make archive first"; exit 1; }
+	$(ENGINE) build $(if $(findstring podman,$(ENGINE)),--format docker) -f deploy/Dockerfile \
+		--build-arg MAR="$(MAR)" -t $(IMAGE) .  # --format docker: OCI images drop the HEALTHCHECK
 
 browser-deps:  ## Debian's chromium for the browser tests (apt-get as root) when /usr/bin/chromium is missing
 	@if [ ! -x /usr/bin/chromium ]; then \

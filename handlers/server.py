@@ -2,9 +2,13 @@
 
 ``start`` leaves the server running in ``--workdir`` (its config, keys, logs and a server.json
 naming its pid and ports), so ``ready``, ``predict`` and ``stop`` in a later process find it again.
-``ready`` exits 0 while every model has a READY worker, else 1 with the reason (for probes and scripts).
+``ready`` exits 0 while every model has a READY worker, else 1 with the reason (for probes and scripts);
+``live`` exits 0 while the frontend answers /ping (a liveness signal only). ``serve`` is ``start`` in
+the foreground, for a container's main process: it returns when TorchServe exits (1) or on SIGTERM (0,
+after stopping it), so the container lives exactly as long as the server.
 
 Usage: python -m handlers.server start --store model_store --name landmark
+       python -m handlers.server --workdir /srv/ts serve
        python -m handlers.server ready
        python -m handlers.server predict photo.jpg --topk 5
        python -m handlers.server stop
@@ -14,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import mimetypes
+import signal
 import sys
+import time
 from pathlib import Path
 
 import requests
@@ -62,23 +68,45 @@ def ready(server: TorchServe) -> int:
     return 1 if reasons else 0
 
 
+def serve(server: TorchServe, timeout: float) -> int:
+    """Start, then block while TorchServe runs; SIGTERM (a pod's stop) stops it within its grace time."""
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stop short
+        raise SystemExit(0)  # unwinds a start still waiting for READY too; the finally stops the server
+
+    earlier = signal.signal(signal.SIGTERM, stop)
+    try:
+        server.start(timeout)
+        print(f"TorchServe ready in {server.cold_start_s:.1f} s: {server.url()}", flush=True)
+        while server.running():
+            time.sleep(1)
+        print(f"serve: TorchServe exited\n{server.log_tail()}", file=sys.stderr)
+        return 1  # non-zero: the container is restarted
+    finally:
+        server.stop()
+        signal.signal(signal.SIGTERM, earlier)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Start / query / stop a local TorchServe for the landmark model.")
     p.add_argument("--workdir", type=Path, default=WORKDIR, help="config, keys, logs, TMPDIR of the server")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("start", help="start and wait until the workers are READY")
-    s.add_argument("--store", type=Path, default=MODEL_STORE)
-    s.add_argument("--name", default=MODEL_NAME, help="model name(s), comma-separated: <store>/<name>.mar")
-    s.add_argument("--config", type=Path, default=CONFIG)
-    s.add_argument("--timeout", type=positive_float, default=120)
+    for cmd, text in (("start", "start and wait until the workers are READY"),
+                      ("serve", "start, then stay in the foreground until TorchServe exits or SIGTERM")):
+        s = sub.add_parser(cmd, help=text)
+        s.add_argument("--store", type=Path, default=MODEL_STORE)
+        s.add_argument("--name", default=MODEL_NAME, help="model name(s), comma-separated: <store>/<name>.mar")
+        s.add_argument("--config", type=Path, default=CONFIG)
+        s.add_argument("--timeout", type=positive_float, default=120)
     q = sub.add_parser("predict", help="top-k landmarks for photos from the running server")
     q.add_argument("images", nargs="+", type=Path)
     q.add_argument("--topk", type=positive_int, help="1..number of classes (default: the server's 5, or all if fewer)")
     sub.add_parser("ready", help="exit 0 while every model has a READY worker, else 1 and why")
+    sub.add_parser("live", help="exit 0 while the frontend answers /ping (even with every worker dead)")
     sub.add_parser("stop", help="stop the server started by `start`")
     args = p.parse_args(argv)
 
-    if args.cmd == "start":
+    if args.cmd in ("start", "serve"):
         server = TorchServe(args.store, args.name.split(","), args.workdir, args.config, config_ports(args.config))
         if (args.workdir / STATE_FILE).is_file():
             try:
@@ -91,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(f"the server of {args.workdir} (pid {previous.pid}) is gone: starting over its stale state")
             previous.stop()  # kills any orphaned worker of it, removes the state file
+        if args.cmd == "serve":
+            try:
+                return serve(server, args.timeout)
+            except (FileNotFoundError, RuntimeError, TimeoutError) as e:
+                print(f"serve: {e}", file=sys.stderr)
+                return 1
         try:
             server.start(args.timeout)
         except (FileNotFoundError, RuntimeError, TimeoutError) as e:
@@ -109,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.cmd == "ready":
         return ready(server)
+    if args.cmd == "live":
+        alive = server.live()
+        print(f"/ping at {server.inference_url}: {'answers' if alive else 'no answer'}")
+        return 0 if alive else 1
     if args.cmd == "stop":
         server.stop()
         print("TorchServe stopped")
