@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 return 1
             print(f"the server of {args.workdir} (pid {previous.pid}) is gone: starting over its stale state")
-            previous.stop()  # kills any orphaned worker of it, removes the state file
+            previous.stop()  # removes the state file; TorchServe itself drops its orphaned pid file
         if args.cmd == "serve":
             try:
                 return serve(server, args.timeout)
