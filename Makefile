@@ -34,13 +34,15 @@ APP_PORT ?= 8000
 SRC ?=
 DST ?=
 TAG_ARGS ?=
+WORKERS ?= 2
+RAY_ARGS ?=
 RUNS ?=
 SOAK_ARGS ?=
 FAULT_ARGS ?=
 SWEEP_ARGS ?=
 
 .PHONY: help install data train train-scratch train-transfer ensemble export eval-open-set archive serve ready predict stop \
-	bench soak sweep faults app tag browser-deps test lint demo clean
+	bench soak sweep faults app tag tag-distributed browser-deps test lint demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -106,6 +108,9 @@ app: $(STAMP)  ## the tagging web page on http://127.0.0.1:8000/ (APP_PORT), pro
 
 tag: $(STAMP)  ## GPS EXIF into copies of the photos in SRC, written to DST (TAG_ARGS="--local artifacts/transfer")
 	$(PY) -m app.tag --src "$(SRC)" --dst "$(DST)" $(TAG_ARGS)
+
+tag-distributed: $(STAMP)  ## make tag --local on Ray Data: WORKERS inference actors (MODEL_DIR; RAY_ADDRESS; RAY_ARGS="--gpus-per-worker 1")
+	$(PY) -m app.tag_ray --src "$(SRC)" --dst "$(DST)" --model-dir "$(MODEL_DIR)" --workers $(WORKERS) $(RAY_ARGS)
 
 browser-deps:  ## Debian's chromium for the browser tests (apt-get as root) when /usr/bin/chromium is missing
 	@if [ ! -x /usr/bin/chromium ]; then \
