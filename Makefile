@@ -35,6 +35,8 @@ APP_PORT ?= 8000
 SRC ?=
 DST ?=
 TAG_ARGS ?=
+WORKERS ?= 2
+RAY_ARGS ?=
 RUNS ?=
 SOAK_ARGS ?=
 FAULT_ARGS ?=
@@ -45,7 +47,7 @@ IMAGE ?= landmark:$(MODEL_VERSION)
 MAR ?= $(MODEL_STORE)/$(MODEL_NAME).mar
 
 .PHONY: help install data train train-scratch train-transfer ensemble export quantize eval-open-set archive serve ready \
-	predict stop bench soak sweep faults app tag image browser-deps test lint demo clean
+	predict stop bench soak sweep faults app tag tag-distributed image browser-deps test lint demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -119,6 +121,9 @@ image:  ## container image serving MAR as a non-root user, for deploy/k8s (ENGIN
 	@[ -f "$(MAR)" ] || { echo "image: no $(MAR): run make archive first"; exit 1; }
 	$(ENGINE) build $(if $(findstring podman,$(ENGINE)),--format docker) -f deploy/Dockerfile \
 		--build-arg MAR="$(MAR)" -t $(IMAGE) .  # --format docker: OCI images drop the HEALTHCHECK
+
+tag-distributed: $(STAMP)  ## make tag --local on Ray Data: WORKERS inference actors (MODEL_DIR; RAY_ADDRESS; RAY_ARGS="--gpus-per-worker 1")
+	$(PY) -m app.tag_ray --src "$(SRC)" --dst "$(DST)" --model-dir "$(MODEL_DIR)" --workers $(WORKERS) $(RAY_ARGS)
 
 browser-deps:  ## Debian's chromium for the browser tests (apt-get as root) when /usr/bin/chromium is missing
 	@if [ ! -x /usr/bin/chromium ]; then \

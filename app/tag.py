@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from app.client import ServeError, ServeTarget, add_target_args, parse_answer, target_from_args, unreachable
 from app.exif import SUPPORTED_FORMATS, has_gps, with_gps
 from landmark import atomic
 from landmark.cli import non_negative_int, positive_float, precision
+from landmark.preprocess import ImageError
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp"}
 REPORT_JSON, REPORT_CSV = "tag_report.json", "tag_report.csv"
@@ -119,28 +120,73 @@ def describe(answer: dict) -> dict:
             "top_k": [[p["label"], p["probability"]] for p in answer["top_k"]]}
 
 
-def tag_one(rel: str, src: Path, dst: Path, predict: Predict, policy: TagPolicy) -> dict:
-    """One photo -> its report record; the tagged copy is written here. Raises Abort only."""
-    source = src / rel
-    record: dict = {**dict.fromkeys(CSV_FIELDS), "path": rel, "source": signature(source), "action": "error",
-                    "reason": "", "output": "", "error": "", "top_k": []}
+PHOTO_ERRORS = (OSError, ValueError, SyntaxError)  # unreadable, corrupt, not an image, bad EXIF
+
+
+def error_text(e: BaseException) -> str:
+    return f"{e.__class__.__name__}: {e}"
+
+
+def new_record(rel: str, src: Path) -> dict:
+    """A photo's blank report record, "error" until decided; its size + mtime are the resume key. A
+    photo gone since the listing gets its error here (no source: a rerun retries it), not a crash."""
+    record = {**dict.fromkeys(CSV_FIELDS), "path": rel, "source": None, "action": "error", "reason": "",
+              "output": "", "error": "", "top_k": []}
     try:
-        data = source.read_bytes()
+        record["source"] = signature(src / rel)
+    except OSError as e:
+        record["error"] = error_text(e)
+    return record
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A photo's bytes and what only the file (not the model) can tell the policy."""
+
+    data: bytes
+    fmt: str | None
+    has_gps: bool
+
+
+def read_photo(source: Path) -> Photo:
+    """The file's bytes and header (format, GPS EXIF); raises one of PHOTO_ERRORS for a bad file."""
+    data = source.read_bytes()
+    try:
         with Image.open(io.BytesIO(data)) as img:
             fmt, exif = img.format, img.getexif()
-        answer = predict(data)
-        record.update(describe(answer))
-        record["action"], record["reason"] = policy.action(answer, has_gps(exif), fmt)
-        if record["action"] == "tagged":
-            location = answer["landmark"]["location"]
-            atomic.write_bytes(dst / rel, with_gps(data, location["lat"], location["lon"], answer["landmark"]["name"]))
-            record["output"] = rel
+    except UnidentifiedImageError:  # its own message names a BytesIO address: no two runs' reports would match
+        raise ImageError("not an image: cannot identify the file format") from None
+    return Photo(data, fmt, has_gps(exif))
+
+
+def apply_answer(record: dict, photo: Photo, answer: dict, dst: Path, policy: TagPolicy) -> dict:
+    """Decision -> action -> write: fills ``record`` from the model's answer and writes the tagged
+    copy (atomically, pixels untouched). Shared by the sequential and the Ray tagger, so both write
+    the same files and rows. Raises one of PHOTO_ERRORS where the copy cannot be made."""
+    record.update(describe(answer))
+    record["action"], record["reason"] = policy.action(answer, photo.has_gps, photo.fmt)
+    if record["action"] == "tagged":
+        location = answer["landmark"]["location"]
+        atomic.write_bytes(dst / record["path"],
+                           with_gps(photo.data, location["lat"], location["lon"], answer["landmark"]["name"]))
+        record["output"] = record["path"]
+    return record
+
+
+def tag_one(rel: str, src: Path, dst: Path, predict: Predict, policy: TagPolicy) -> dict:
+    """One photo -> its report record; the tagged copy is written here. Raises Abort only."""
+    record = new_record(rel, src)
+    if record["error"]:
+        return record
+    try:
+        photo = read_photo(src / rel)
+        apply_answer(record, photo, predict(photo.data), dst, policy)
     except ServeError as e:
         if e.status == 503:
             raise Abort(e.message) from e
         record["error"] = e.message
-    except (OSError, ValueError, SyntaxError) as e:  # unreadable, corrupt, not an image, bad EXIF
-        record["error"] = f"{e.__class__.__name__}: {e}"
+    except PHOTO_ERRORS as e:
+        record["error"] = error_text(e)
     return record
 
 
@@ -207,40 +253,77 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> dict:
-    src, dst = args.src, args.dst
+def check_folders(src: Path, dst: Path) -> None:
     if not src.is_dir():
         raise Abort(f"source folder not found: {src}")
     if dst.resolve() == src.resolve():
         raise Abort("--dst must differ from --src: originals are never modified")
+
+
+def local_settings(model_dir: Path, backend: str, min_precision: float | None, overwrite_gps: bool) -> dict:
+    """The settings a report is resumed under. The Ray tagger uses the same ones, so either tagger
+    resumes the other's report."""
+    return {"model": f"local:{model_dir.resolve()}:{backend}", "min_precision": min_precision,
+            "overwrite_gps": overwrite_gps}
+
+
+class Progress:
+    """A run's records (the previous run's finished ones + this run's), saved every SAVE_EVERY photos
+    and at the end; ``todo`` lists the photos still to tag, in order."""
+
+    def __init__(self, src: Path, dst: Path, photos: list[str], settings: dict, labels: set[str]) -> None:
+        self.src, self.dst, self.settings, self.labels = src, dst, settings, labels
+        dst.mkdir(parents=True, exist_ok=True)
+        previous = load_state(dst, settings)
+        self.records = {p: previous[p] for p in photos if p in previous and is_done(previous[p], src, dst)}
+        self.todo = [p for p in photos if p not in self.records]
+        self.added = 0
+        print(f"{len(photos)} photos in {src}: {len(self.records)} done before, {len(self.todo)} to tag",
+              file=sys.stderr)
+
+    def all_labels(self) -> set[str]:  # served mode: every label the server has named in a top-k
+        return self.labels or {lab for r in self.records.values() for lab, _ in r.get("top_k", [])}
+
+    def add(self, record: dict) -> None:
+        self.records[record["path"]] = record
+        if record["error"]:
+            tqdm.write(f"skipped {record['path']}: {record['error']}", file=sys.stderr)
+        self.added += 1
+        if self.added % SAVE_EVERY == 0:
+            self.save()
+
+    def save(self) -> dict:
+        return save_report(self.dst, self.settings, self.records, self.all_labels(), self.src.resolve().name)
+
+
+def run(args: argparse.Namespace) -> dict:
+    src, dst = args.src, args.dst
+    check_folders(src, dst)
     photos = find_photos(src, dst)
     if args.local:
         predict, labels = local_predictor(args.local, args.backend, args.device, args.threads, args.min_precision)
-        model = f"local:{args.local.resolve()}:{args.backend}"
+        settings = local_settings(args.local, args.backend, args.min_precision, args.overwrite_gps)
     else:
         target = target_from_args(args)
-        predict, labels, model = served_predictor(target, args.timeout, args.min_precision), set(), target.predict_url
-    settings = {"model": model, "min_precision": args.min_precision, "overwrite_gps": args.overwrite_gps}
+        predict, labels = served_predictor(target, args.timeout, args.min_precision), set()
+        settings = {"model": target.predict_url, "min_precision": args.min_precision,
+                    "overwrite_gps": args.overwrite_gps}
     policy = TagPolicy(args.overwrite_gps)
-    dst.mkdir(parents=True, exist_ok=True)
-    previous = load_state(dst, settings)
-    records = {p: previous[p] for p in photos if p in previous and is_done(previous[p], src, dst)}
-    todo = [p for p in photos if p not in records]
-    print(f"{len(photos)} photos in {src}: {len(records)} done before, {len(todo)} to tag", file=sys.stderr)
-
-    def all_labels() -> set[str]:  # served mode: every label the server has named in a top-k
-        return labels or {lab for r in records.values() for lab, _ in r.get("top_k", [])}
-
+    progress = Progress(src, dst, photos, settings, labels)
     try:
-        for i, rel in enumerate(tqdm(todo, desc="tagging", unit="photo", disable=not todo), 1):
-            records[rel] = tag_one(rel, src, dst, predict, policy)
-            if records[rel]["error"]:
-                tqdm.write(f"skipped {rel}: {records[rel]['error']}", file=sys.stderr)
-            if i % SAVE_EVERY == 0:
-                save_report(dst, settings, records, all_labels(), src.resolve().name)
+        for rel in tqdm(progress.todo, desc="tagging", unit="photo", disable=not progress.todo):
+            progress.add(tag_one(rel, src, dst, predict, policy))
     finally:
-        summary = save_report(dst, settings, records, all_labels(), src.resolve().name)
+        summary = progress.save()
     return summary
+
+
+def print_summary(summary: dict, dst: Path) -> None:
+    accuracy = summary["accuracy"]
+    acc = f"; top-1 accuracy {accuracy:.4f} on {summary['graded']} photos in class folders" if accuracy is not None \
+        else ""
+    print(f"{summary['photos']} photos: {summary['actions']}, untagged because {summary['untagged']}{acc}. "
+          f"Report: {dst / REPORT_CSV}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -249,11 +332,7 @@ def main(args: argparse.Namespace) -> int:
     except Abort as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    accuracy = summary["accuracy"]
-    acc = f"; top-1 accuracy {accuracy:.4f} on {summary['graded']} photos in class folders" if accuracy is not None \
-        else ""
-    print(f"{summary['photos']} photos: {summary['actions']}, untagged because {summary['untagged']}{acc}. "
-          f"Report: {args.dst / REPORT_CSV}")
+    print_summary(summary, args.dst)
     return 0
 
 
