@@ -41,6 +41,7 @@ RUNS ?=
 SOAK_ARGS ?=
 FAULT_ARGS ?=
 SWEEP_ARGS ?=
+ARCHIVE_ARGS ?=
 # the container image (deploy/Dockerfile): podman where installed, else docker
 ENGINE ?= $(shell command -v podman || command -v docker || echo podman)
 IMAGE ?= landmark:$(MODEL_VERSION)
@@ -85,7 +86,7 @@ eval-open-set: $(STAMP)  ## known vs unknown photos at the stored operating poin
 
 archive: $(STAMP)  ## build model_store/landmark.mar from a run folder (MODEL_DIR, BACKEND=onnx|onnx-int8|torchscript, ...)
 	$(PY) -m handlers.archive --model-dir "$(MODEL_DIR)" --backend $(BACKEND) --name $(MODEL_NAME) \
-		--version $(MODEL_VERSION) --store "$(MODEL_STORE)" --force
+		--version $(MODEL_VERSION) --store "$(MODEL_STORE)" --force $(ARCHIVE_ARGS)
 
 serve: $(STAMP)  ## start TorchServe with the archive and wait until its worker is READY
 	$(PY) -m handlers.server start --store "$(MODEL_STORE)" --name $(MODEL_NAME)

@@ -20,13 +20,22 @@ HOST = "127.0.0.1"  # loopback only, like the addresses in config.properties
 PORT_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address",
              "grpc_inference": "grpc_inference_port", "grpc_management": "grpc_management_port"}
 
-# model-config.yaml defaults (handlers/archive.py); test_serving checks TorchServe reports the first two
-BATCH_SIZE = 4  # requests TorchServe may merge into one network call
+# model-config.yaml defaults (handlers/archive.py); test_serving checks TorchServe reports the first two.
+# Chosen by measurement (make sweep, 2 workers at concurrency 8; benchmarks/results/sweep-vm-20261202-011002.md
+# and -012318.md): on CPU a batch buys no throughput (wh13: 36.0 / 34.9 / 35.1 / 29.8 requests/s at batch
+# 1 / 2 / 4 / 8; im49: 136 / 161 / 141 / 142), while each larger batch grows ONNX Runtime's arena (worker
+# PSS 473 / 520 / 647 / 836 MB on wh13) and the p99 (326 / 338 / 409 / 522 ms). 2 is best or within noise
+# of it on both models, so it is the default; on a GPU, larger batches pay (make archive ARCHIVE_ARGS="--batch-size 8").
+BATCH_SIZE = 2  # requests TorchServe may merge into one network call
 # TorchServe's batcher polls its queue for up to this long per extra item, so requests that are already
-# queued (under load) still fill a batch at once; at low load each request waits the whole delay
+# queued (under load) still fill a batch at once; at low load each request waits the whole delay.
+# 5 and 20 ms gave no more throughput than 1 (wh13 32.1 / 32.2 / 35.1 requests/s).
 MAX_BATCH_DELAY_MS = 1
 THREADS = 1  # intra-op threads per worker: config.properties runs one worker per CPU, more would oversubscribe
-RESPONSE_TIMEOUT_S = 60  # a request stuck longer than this fails (and its worker is restarted) instead of hanging
+# A batch stuck longer than this fails (and its worker is restarted) instead of hanging. The slowest
+# request the handler accepts took 0.95 s (an 8.8 MB PNG just under the pixel limit; a JPEG there 0.13 s,
+# as it decodes at a reduced scale): 30 s leaves a 15x margin for a full batch on a busy machine.
+RESPONSE_TIMEOUT_S = 30
 
 
 def read_properties(path: Path) -> dict[str, str]:
