@@ -38,6 +38,11 @@ TAG_ARGS ?=
 WORKERS ?= 2
 RAY_ARGS ?=
 RUNS ?=
+# NPROC > 1: training under torchrun (DDP, gloo on CPU / NCCL on GPU), one node; TORCHRUN_ARGS for more
+# (--nnodes 2 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint host:29400 instead of --standalone)
+NPROC ?= 1
+TORCHRUN_ARGS ?= --standalone
+TRAINER = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun $(TORCHRUN_ARGS) --nproc-per-node $(NPROC),$(PY))
 SOAK_ARGS ?=
 FAULT_ARGS ?=
 SWEEP_ARGS ?=
@@ -64,12 +69,12 @@ install: $(STAMP)  ## create .venv with the pinned dependencies
 data: $(STAMP)  ## download + extract the Udacity landmark set into data/ (DATA_URL, DATA_DIR)
 	$(PY) -m train.download --url "$(DATA_URL)" --dest "$(DATA_DIR)"
 
-train: $(STAMP)  ## train + export a recipe: RECIPE=wh13 (recipes/*.yaml; DATA_DIR, OUT=artifacts/<recipe>, TRAIN_ARGS)
-	$(PY) -m train.train --recipe $(RECIPE) $(GIVEN_DATA) --out "$(or $(OUT),artifacts/$(RECIPE))" $(TRAIN_ARGS)
+train: $(STAMP)  ## train + export a recipe: RECIPE=wh13 (recipes/*.yaml; DATA_DIR, OUT, TRAIN_ARGS; NPROC=2: torchrun DDP)
+	$(TRAINER) -m train.train --recipe $(RECIPE) $(GIVEN_DATA) --out "$(or $(OUT),artifacts/$(RECIPE))" $(TRAIN_ARGS)
 	$(PY) -m train.export --run-dir "$(or $(OUT),artifacts/$(RECIPE))" $(EXPORT_ARGS)
 
 train-scratch train-transfer:  ## train + export the from-scratch CNN / the transfer network on DATA_DIR
-	$(MAKE) train RECIPE=$(@:train-%=%) OUT="$(or $(OUT),artifacts/$(@:train-%=%))" DATA_DIR="$(DATA_DIR)"
+	$(MAKE) train RECIPE=$(@:train-%=%) OUT="$(or $(OUT),artifacts/$(@:train-%=%))" DATA_DIR="$(DATA_DIR)" NPROC=$(NPROC)
 
 ensemble: $(STAMP)  ## average finished runs into one model + export (RUNS="dir1 dir2 ...", OUT)
 	$(PY) -m train.ensemble --runs $(RUNS) --out "$(or $(OUT),artifacts/ensemble)"

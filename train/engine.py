@@ -18,6 +18,7 @@ from tqdm import tqdm
 from landmark import atomic
 from landmark.meta import ModelRecord
 from landmark.run_files import BEST, LAST, LOG, load_checkpoint_file, save_checkpoint
+from train import distributed
 
 
 def seed_everything(seed: int) -> None:
@@ -51,13 +52,14 @@ class Stage:
 def run_epoch(module: nn.Module, loader: Iterable, device: torch.device, criterion: nn.Module,
               optimizer: torch.optim.Optimizer | None = None,
               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, desc: str = "") -> dict:
-    """Train (with an optimiser) or evaluate over one pass; returns mean loss and accuracy."""
+    """Train (with an optimiser) or evaluate over one pass; returns mean loss and accuracy. Under DDP a
+    training pass covers this rank's shard, so its sums are added over the ranks."""
     training = optimizer is not None
     module.train(training)
     total_loss, correct, seen = 0.0, 0, 0
     amp = device.type == "cuda"
     with torch.set_grad_enabled(training):
-        for x, y in tqdm(loader, desc=desc, leave=False, unit="batch"):
+        for x, y in tqdm(loader, desc=desc, leave=False, unit="batch", disable=not distributed.is_main()):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = module(x)
@@ -71,6 +73,8 @@ def run_epoch(module: nn.Module, loader: Iterable, device: torch.device, criteri
             hard = y.argmax(1) if y.ndim == 2 else y  # MixUp/CutMix batches carry soft targets
             correct += (logits.argmax(1) == hard).sum().item()
             seen += len(y)
+    if training:
+        total_loss, correct, seen = distributed.sum_all(total_loss, correct, seen)
     return {"loss": total_loss / seen, "acc": correct / seen}
 
 
@@ -100,6 +104,8 @@ class Run:
         return True
 
     def _checkpoint(self, stage: Stage, epoch: int, bad_epochs: int) -> None:
+        if not distributed.is_main():  # every rank holds the same weights: one writes them
+            return
         save_checkpoint(self.out_dir / LAST, self.record, self.net.state_dict(), stage=stage.name, epoch=epoch,
                         bad_epochs=bad_epochs, optimizer=stage.optimizer.state_dict(),
                         scheduler=stage.scheduler.state_dict(), history=self.history,
@@ -118,11 +124,12 @@ class Run:
             torch.set_rng_state(state["rng"])
             random.setstate(state["py_rng"])
             start, bad_epochs = state["epoch"] + 1, state["bad_epochs"]
+        module = distributed.wrap(stage.module)
         for epoch in range(start, stage.epochs):
             if bad_epochs >= stage.patience:
                 break
             t0 = time.perf_counter()
-            tr = run_epoch(stage.module, stage.train_loader, self.device, self.train_criterion,
+            tr = run_epoch(module, stage.train_loader, self.device, self.train_criterion,
                            stage.optimizer, stage.scheduler, desc=f"{stage.name} {epoch + 1}/{stage.epochs}")
             va = (run_epoch(stage.module, stage.val_loader, self.device, self.eval_criterion, desc="val")
                   if stage.val_loader is not None else {"loss": None, "acc": None})
@@ -135,14 +142,16 @@ class Run:
                 bad_epochs = 0
                 if va["loss"] is not None:
                     self.best_val_loss = va["loss"]
-                save_checkpoint(self.out_dir / BEST, self.record, self.net.state_dict())
+                if distributed.is_main():
+                    save_checkpoint(self.out_dir / BEST, self.record, self.net.state_dict())
             else:
                 bad_epochs += 1
             self._checkpoint(stage, epoch, bad_epochs)
             self._write_log()
             val = "no val" if va["loss"] is None else f"val loss {va['loss']:.3f} acc {va['acc']:.3f}"
-            print(f"[{stage.name}] epoch {epoch + 1:3d}/{stage.epochs}  train loss {tr['loss']:.3f} acc "
-                  f"{tr['acc']:.3f}  {val}  {row['seconds']:.1f}s" + ("  *best" if improved else ""), flush=True)
+            if distributed.is_main():
+                print(f"[{stage.name}] epoch {epoch + 1:3d}/{stage.epochs}  train loss {tr['loss']:.3f} acc "
+                      f"{tr['acc']:.3f}  {val}  {row['seconds']:.1f}s" + ("  *best" if improved else ""), flush=True)
         self.done.append(stage.name)
         self.load_best()
         self._checkpoint(stage, stage.epochs, bad_epochs)
@@ -150,7 +159,9 @@ class Run:
     def _write_log(self) -> None:
         """log.jsonl is rewritten from the checkpointed history, so a killed run never leaves a
         line for an epoch that ``--resume`` will train again."""
-        atomic.write_text(self.out_dir / LOG, "".join(json.dumps(row) + "\n" for row in self.history))
+        if distributed.is_main():
+            atomic.write_text(self.out_dir / LOG, "".join(json.dumps(row) + "\n" for row in self.history))
 
     def load_best(self) -> None:
+        distributed.barrier()  # rank 0 has written best.pt
         self.net.load_state_dict(load_checkpoint_file(self.out_dir / BEST)[1]["net"])

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from landmark import atomic
 from landmark.meta import ModelRecord
 from landmark.run_files import CONFUSION, CURVES, METRICS
+from train import distributed
 from train.data import PhotoDataset
 from train.engine import Run
 
@@ -118,7 +119,7 @@ def write_report(run: Run, test_ds: PhotoDataset, train_seconds: float) -> dict:
     t0 = time.perf_counter()
     metrics, cm = evaluate_test(run.net, run.record, test_ds, run.device)
     best_val_loss = run.best_val_loss if math.isfinite(run.best_val_loss) else None  # None: no validation
-    metrics.update(epochs=len(run.history), best_val_loss=best_val_loss,
+    metrics.update(epochs=len(run.history), best_val_loss=best_val_loss, processes=distributed.world(),
                    seconds=round(train_seconds + time.perf_counter() - t0, 1))
     write_metrics(run.out_dir, metrics, cm)
     _plot_curves(run.history, run.out_dir / CURVES)

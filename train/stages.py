@@ -21,6 +21,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from landmark.runtime import OnnxRunner
+from train import distributed
 from train.data import PhotoDataset
 from train.engine import Stage
 from train.export import export_onnx
@@ -30,6 +31,9 @@ from train.optim import make_optimizer, param_groups, warmup_cosine
 
 def _loader(ds: torch.utils.data.Dataset, batch_size: int, shuffle: bool, seed: int,
             collate_fn: Callable | None = None) -> DataLoader:
+    """A shuffled (training) loader takes this rank's share of the batch: the global batch stays the recipe's."""
+    if shuffle:
+        batch_size = distributed.per_rank_batch(batch_size)
     g = torch.Generator().manual_seed(seed)
     drop_last = shuffle and len(ds) > batch_size  # no ragged last batch for BatchNorm, if there is a choice
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
@@ -62,7 +66,7 @@ def _schedule(module: nn.Module, args: argparse.Namespace, lr: float, epochs: in
 def scratch_stages(net: ScratchCNN, train_ds: PhotoDataset, val_ds: PhotoDataset,
                    args: argparse.Namespace) -> list[Stage]:
     collate = _mix_collate(net.head[-1].out_features) if args.mix else None
-    train_loader = _loader(train_ds, args.batch_size, True, args.seed, collate)
+    train_loader = _loader(distributed.shard(train_ds), args.batch_size, True, args.seed, collate)
     opt, sched = _schedule(net, args, args.lr, args.epochs, len(train_loader))
     net.to(memory_format=torch.channels_last)  # the exported graphs are unaffected
     return [Stage("scratch", _ChannelsLast(net), train_loader, _val_loader(val_ds, 256, args.seed),
@@ -140,7 +144,8 @@ def _cache(fn: Callable, ds: PhotoDataset, repeats: int, desc: str) -> TensorDat
     """Run ``fn`` over ``repeats`` passes of ``ds`` (new augmentations each pass), kept in fp16."""
     xs, ys = [], []
     for r in range(repeats):
-        for x, y in tqdm(DataLoader(ds, batch_size=64), desc=f"{desc} {r + 1}/{repeats}", leave=False):
+        for x, y in tqdm(DataLoader(ds, batch_size=64), desc=f"{desc} {r + 1}/{repeats}", leave=False,
+                         disable=not distributed.is_main()):
             xs.append(fn(x).to("cpu", torch.float16))
             ys.append(y)
     return TensorDataset(torch.cat(xs), torch.cat(ys))
@@ -165,7 +170,7 @@ def transfer_stages(net: TransferNet, train_ds: PhotoDataset, val_ds: PhotoDatas
     for p in net.parameters():
         p.requires_grad_(False)
     trunk = _trunk_runner(net, cache_cut, train_ds.cfg.input_size, device)
-    train_acts = _cache(trunk, train_ds, args.views, "trunk (augmented views)")
+    train_acts = _cache(trunk, distributed.shard(train_ds), args.views, "trunk (augmented views)")
     val_acts = _cache(trunk, val_ds, 1, "trunk (val)") if len(val_ds) else None
 
     train_feats = _pool(net, train_acts, cache_cut, device)
@@ -182,7 +187,7 @@ def transfer_stages(net: TransferNet, train_ds: PhotoDataset, val_ds: PhotoDatas
             for p in module.parameters():
                 p.requires_grad_(True)
         if args.stream:
-            tail, train_data, val_data = _Streamed(net, cut), train_ds, val_ds
+            tail, train_data, val_data = _Streamed(net, cut), distributed.shard(train_ds), val_ds
         else:
             tail, train_data, val_data = _Tail(net, cut), train_acts, val_acts
         tail_loader = _loader(train_data, args.batch_size, True, args.seed)

@@ -28,6 +28,7 @@ from landmark.meta import ModelRecord
 from landmark.open_set import DEFAULT_MIN_PRECISION
 from landmark.preprocess import ImageError, PreprocessConfig
 from landmark.run_files import LAST
+from train import distributed
 from train.data import DataSplits, PhotoDataset, train_augment
 from train.engine import Run, pick_device, seed_everything
 from train.evaluate import write_report
@@ -250,10 +251,13 @@ def fit(run: Run, data: Data, args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Single-process, or one rank of ``torchrun --nproc_per_node N -m train.train`` (train.distributed)."""
     seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    distributed.init(device)
+    device = distributed.device_of(device)
     t0 = time.perf_counter()
     try:
         data = load_data(args)
@@ -261,11 +265,17 @@ def main(args: argparse.Namespace) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"recipe {args.recipe}, {args.arch}, device {device} -> {args.out}")
+    distributed.barrier()  # every rank has checked --out before rank 0 writes into it
+    print(f"recipe {args.recipe}, {args.arch}, device {device}, rank {distributed.rank()} of "
+          f"{distributed.world()}, {torch.get_num_threads()} threads -> {args.out}")
     fit(run, data, args)
+    if not distributed.is_main():
+        distributed.close()
+        return 0
     metrics = write_report(run, data.test, time.perf_counter() - t0)
     print(f"test accuracy {metrics['test_accuracy']:.4f}  top-5 {metrics['test_top5']:.4f}  "
           f"n={metrics['n_test']}  {metrics['seconds']:.0f}s  -> {args.out}")
+    distributed.close()
     return 0
 
 
