@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,10 +31,19 @@ from pathlib import Path
 import psutil
 
 from benchmarks.inputs import list_photos
-from benchmarks.load import Plan, archive_settings, own_server, run_locust, unexpected, write_config
+from benchmarks.load import (
+    Plan,
+    archive_settings,
+    missing_model,
+    own_server,
+    publish,
+    run_header,
+    run_locust,
+    unexpected,
+    write_config,
+)
 from handlers.process import TorchServe, free_ports
 from handlers.settings import PORT_KEYS, base_url
-from landmark import atomic
 from landmark.cli import positive_float, positive_int
 from landmark.run_files import MODEL_FILES
 
@@ -220,19 +228,15 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    if not (args.model_dir / "model_meta.json").is_file():
-        print(f"--model-dir {args.model_dir}: no exported model (model_meta.json): run make train first",
-              file=sys.stderr)
+    if why := missing_model(args.model_dir):
+        print(why, file=sys.stderr)
         return 2
-    from benchmarks.machine import machine_info
-    from benchmarks.report import write_json
     from benchmarks.soak import default_photo_dirs
 
     t0 = time.time()
     photos = [f for d in default_photo_dirs(args.model_dir) if d.is_dir() for f in list_photos(d, 50)]
-    result = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "machine": machine_info(1),
-              "model_dir": str(args.model_dir), "backend": args.backend, "concurrency": args.concurrency,
-              "workers": {}}
+    result = {**run_header(args, t0), "model_dir": str(args.model_dir), "backend": args.backend,
+              "concurrency": args.concurrency, "workers": {}}
     with tempfile.TemporaryDirectory(prefix="faults-") as tmp:
         work = Path(tmp)
         for name, n in (("one worker SIGKILLed", 1), ("every worker SIGKILLed", None)):
@@ -249,13 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         result["storage"] = storage_faults(store, work / "storage")
     result["pass"] = (all(r["pass"] for r in result["workers"].values()) and result["server"]["pass"]
                       and all(r.get("pass", True) for r in result["storage"].values() if isinstance(r, dict)))
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"faults-{socket.gethostname()}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(t0))}"
-    write_json(stem.with_suffix(".json"), result)
-    text = markdown(result)
-    atomic.write_text(stem.with_suffix(".md"), text)
-    print(text)
-    print(f"wrote {stem}.json, .md")
+    publish(args.out_dir, "faults", t0, result, markdown(result))
     return 0 if result["pass"] else 1
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from benchmarks.bad_inputs import bad_inputs
 from benchmarks.stats import percentile
 from handlers.process import TorchServe
 from handlers.settings import CONFIG
+from landmark import atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -166,6 +168,38 @@ def outcomes(records: list[dict]) -> dict[str, dict[str, int]]:
         by_status = out.setdefault(r["kind"], {})
         by_status[str(r["status"])] = by_status.get(str(r["status"]), 0) + 1
     return out
+
+
+def missing_model(model_dir: Path) -> str | None:
+    """Why ``model_dir`` cannot be served, or None."""
+    if (model_dir / "model_meta.json").is_file():
+        return None
+    return f"--model-dir {model_dir}: no exported model (model_meta.json): run make train first"
+
+
+def run_header(args, started: float) -> dict:
+    """When, where and with which arguments a load run ran: the head of its result record."""
+    from benchmarks.machine import machine_info
+
+    return {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), "machine": machine_info(1),
+            "settings": {k: [str(x) for x in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
+                         for k, v in vars(args).items()}}
+
+
+def publish(out_dir: Path, kind: str, started: float, result: dict, text: str, chart=None) -> Path:
+    """``<kind>-<host>-<time>``.json and .md (and .png from ``chart(result, path)``) in ``out_dir``."""
+    from benchmarks.report import write_json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{kind}-{socket.gethostname()}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(started))}"
+    if chart is not None:
+        result["chart"] = stem.with_suffix(".png").name
+        chart(result, stem.with_suffix(".png"))
+    write_json(stem.with_suffix(".json"), result)
+    atomic.write_text(stem.with_suffix(".md"), text)
+    print(text)
+    print(f"wrote {stem}.json, .md{', .png' if chart else ''}")
+    return stem
 
 
 def unexpected(records: list[dict]) -> list[dict]:

@@ -17,15 +17,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks.inputs import SHARED, list_photos
-from benchmarks.load import MemoryTrace, Plan, latency_ms, outcomes, own_server, run_locust, unexpected, worker_memory
-from landmark import atomic
+from benchmarks.load import (
+    MemoryTrace,
+    Plan,
+    latency_ms,
+    missing_model,
+    outcomes,
+    own_server,
+    publish,
+    run_header,
+    run_locust,
+    unexpected,
+    worker_memory,
+)
 from landmark.cli import positive_int
 from landmark.run_files import MODEL_FILES
 
@@ -122,28 +132,15 @@ def soak(args: argparse.Namespace, work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    if not (args.model_dir / "model_meta.json").is_file():
-        print(f"--model-dir {args.model_dir}: no exported model (model_meta.json): run make train first",
-              file=sys.stderr)
+    if why := missing_model(args.model_dir):
+        print(why, file=sys.stderr)
         return 2
-    from benchmarks.machine import machine_info
-    from benchmarks.report import write_json
     from benchmarks.soak_report import save_soak_chart, soak_markdown
 
     t0 = time.time()
-    head = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "machine": machine_info(1),
-            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "photos"}}
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
-        result = {**head, **soak(args, Path(tmp)), "load_average_end": os.getloadavg()}
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"soak-{socket.gethostname()}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(t0))}"
-    result["chart"] = stem.with_suffix(".png").name
-    save_soak_chart(result, stem.with_suffix(".png"))
-    write_json(stem.with_suffix(".json"), result)
-    text = soak_markdown(result)
-    atomic.write_text(stem.with_suffix(".md"), text)
-    print(text)
-    print(f"wrote {stem}.json, .md, .png")
+        result = {**run_header(args, t0), **soak(args, Path(tmp)), "load_average_end": os.getloadavg()}
+    publish(args.out_dir, "soak", t0, result, soak_markdown(result), save_soak_chart)
     return 0 if result["verdict"]["pass"] else 1
 
 

@@ -1,6 +1,6 @@
 """Serving settings by measurement (``make sweep``): the same Locust load against the served model
 for each worker count, batch size and batching delay, then an overload past ``job_queue_size``, and
-the slowest legitimate request (a photo at the pixel limit) against ``default_response_timeout``.
+the slowest legitimate request (a photo at the pixel limit) against the archive's ``responseTimeout``.
 The values in serve_config/config.properties and handlers/settings.py cite this run.
 
 Writes benchmarks/results/sweep-<host>-<time>.{json,md}.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import socket
 import sys
 import tempfile
 import time
@@ -23,9 +22,19 @@ import requests
 from PIL import Image
 
 from benchmarks.inputs import list_photos
-from benchmarks.load import Plan, archive_settings, latency_ms, outcomes, own_server, run_locust, worker_memory
-from handlers.settings import CONFIG, read_properties
-from landmark import atomic
+from benchmarks.load import (
+    Plan,
+    archive_settings,
+    latency_ms,
+    missing_model,
+    outcomes,
+    own_server,
+    publish,
+    run_header,
+    run_locust,
+    worker_memory,
+)
+from handlers.settings import CONFIG, RESPONSE_TIMEOUT_S, read_properties
 from landmark.cli import positive_int
 from landmark.preprocess import DEFAULT_MAX_PIXELS
 from landmark.run_files import MODEL_FILES
@@ -42,6 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=positive_int, default=1000, help="requests per setting")
     p.add_argument("--concurrency", type=positive_int, default=8)
     p.add_argument("--overload", type=positive_int, default=4, help="overload concurrency = this x job_queue_size")
+    p.add_argument("--no-grid", action="store_true", help="only the overload and the slowest request")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     return p
 
@@ -90,7 +100,7 @@ def sweep(args: argparse.Namespace, work: Path) -> dict:
 
     photos = [f for d in default_photo_dirs(args.model_dir)[:1] if d.is_dir() for f in list_photos(d, 100)]
     rows = []
-    for i, (workers, batch, delay) in enumerate(GRID):
+    for i, (workers, batch, delay) in enumerate([] if args.no_grid else GRID):
         settings = archive_settings(batch_size=batch, max_batch_delay=delay)
         with own_server(args.model_dir, args.backend, settings, workers=workers) as server:
             run_locust(server, Plan.mixed(work / f"warm{i}", photos, 10 * args.concurrency), args.concurrency, 300)
@@ -106,7 +116,7 @@ def sweep(args: argparse.Namespace, work: Path) -> dict:
         slow = slowest_request(server, photos[0])
     return {"grid": rows, "overload": {"job_queue_size": queue, "concurrency": args.overload * queue, **over},
             "slowest_request": slow,
-            "default_response_timeout_s": int(read_properties(CONFIG)["default_response_timeout"])}
+            "response_timeout_s": RESPONSE_TIMEOUT_S}
 
 
 def _seconds(v: dict) -> str:
@@ -127,31 +137,21 @@ def markdown(result: dict) -> str:
     lines += ["", f"Overload: concurrency {o['concurrency']} against job_queue_size {o['job_queue_size']}: "
               f"outcomes {o['outcomes']}; answered p50 {o.get('p50_ms', 0):.0f} ms, p99 {o.get('p99_ms', 0):.0f} ms.",
               "", "Slowest accepted requests (a photo scaled to just under the pixel limit), worst of 3, against "
-              f"default_response_timeout {result['default_response_timeout_s']} s: "
+              f"the archive's responseTimeout {result['response_timeout_s']} s: "
               + "; ".join(f"{fmt} {v['bytes'] / 2**20:.1f} MB: {_seconds(v)}" for fmt, v in s.items())]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    if not (args.model_dir / "model_meta.json").is_file():
-        print(f"--model-dir {args.model_dir}: no exported model (model_meta.json)", file=sys.stderr)
+    if why := missing_model(args.model_dir):
+        print(why, file=sys.stderr)
         return 2
-    from benchmarks.machine import machine_info
-    from benchmarks.report import write_json
-
     t0 = time.time()
-    result = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "machine": machine_info(1),
-              "model_dir": str(args.model_dir), "backend": args.backend,
-              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    result = {**run_header(args, t0), "model_dir": str(args.model_dir), "backend": args.backend}
     with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
         result.update(sweep(args, Path(tmp)))
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"sweep-{socket.gethostname()}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(t0))}"
-    write_json(stem.with_suffix(".json"), result)
-    text = markdown(result)
-    atomic.write_text(stem.with_suffix(".md"), text)
-    print(text)
+    publish(args.out_dir, "sweep", t0, result, markdown(result))
     return 0
 
 

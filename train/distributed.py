@@ -2,11 +2,11 @@
 on CUDA. Outside torchrun every function here is the single-process identity, so training code calls
 them unconditionally.
 
-What DDP changes in a run: each rank trains on its own shard of the training photos (and of the
-transfer net's cached trunk activations), the per-rank batch is the recipe's batch divided by the world
-size (so the global batch, and with it the learning-rate schedule, stays the recipe's), gradients are
-averaged across ranks, validation runs whole on every rank (so every rank takes the same early-stopping
-and best-checkpoint decisions), and only rank 0 writes files.
+What DDP changes in a run: every rank sees the same data (the transfer net's trunk cache is computed
+whole on each), and each training batch is split across the ranks (``ShardedShuffle``, with the
+per-rank share of the recipe's batch), so the global batch, the learning-rate schedule and the
+averaged gradient stay the single process's; validation runs whole on every rank (so every rank takes
+the same early-stopping and best-checkpoint decisions); only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset, DistributedSampler, Subset
+from torch.utils.data import Sampler
 
 
 def active() -> bool:
@@ -51,12 +51,21 @@ def device_of(device: torch.device) -> torch.device:
     return device
 
 
-def shard(ds: Dataset) -> Dataset:
-    """This rank's part of ``ds``: equal sizes on every rank (DistributedSampler pads by repeating), so
-    every rank runs the same number of steps and no all-reduce waits forever."""
-    if not active():
-        return ds
-    return Subset(ds, list(DistributedSampler(ds, world(), rank(), shuffle=False)))
+class ShardedShuffle(Sampler[int]):
+    """Each epoch, the permutation that a single process's shuffled DataLoader draws from the same
+    generator, cut to this rank's every world-th index: the ranks' batches together are the
+    single-process batch, so with the per-rank share of the batch the averaged gradient is the
+    single-process gradient (but for BatchNorm statistics over the smaller per-rank batch)."""
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n, self.generator = n, generator
+
+    def __len__(self) -> int:
+        return self.n // world()
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=self.generator)[: len(self) * world()]
+        return iter(perm[rank()::world()].tolist())
 
 
 def per_rank_batch(batch_size: int) -> int:
@@ -72,7 +81,7 @@ def wrap(module: nn.Module) -> nn.Module:
 
 
 def sum_all(*values: float) -> list[float]:
-    """Each value summed over the ranks (one all-reduce), for metrics of the sharded training pass."""
+    """Each value summed over the ranks (one all-reduce), for metrics of a training pass split across the ranks."""
     if not active():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")

@@ -53,7 +53,7 @@ def run_epoch(module: nn.Module, loader: Iterable, device: torch.device, criteri
               optimizer: torch.optim.Optimizer | None = None,
               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, desc: str = "") -> dict:
     """Train (with an optimiser) or evaluate over one pass; returns mean loss and accuracy. Under DDP a
-    training pass covers this rank's shard, so its sums are added over the ranks."""
+    training pass covers this rank's part of each batch, so its sums are added over the ranks."""
     training = optimizer is not None
     module.train(training)
     total_loss, correct, seen = 0.0, 0, 0

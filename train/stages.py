@@ -31,11 +31,12 @@ from train.optim import make_optimizer, param_groups, warmup_cosine
 
 def _loader(ds: torch.utils.data.Dataset, batch_size: int, shuffle: bool, seed: int,
             collate_fn: Callable | None = None) -> DataLoader:
-    """A shuffled (training) loader takes this rank's share of the batch: the global batch stays the recipe's."""
-    if shuffle:
-        batch_size = distributed.per_rank_batch(batch_size)
+    """Under DDP a shuffled (training) loader yields this rank's part of each single-process batch."""
     g = torch.Generator().manual_seed(seed)
     drop_last = shuffle and len(ds) > batch_size  # no ragged last batch for BatchNorm, if there is a choice
+    if shuffle and distributed.active():
+        return DataLoader(ds, batch_size=distributed.per_rank_batch(batch_size), drop_last=drop_last,
+                          sampler=distributed.ShardedShuffle(len(ds), g), collate_fn=collate_fn)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
                       collate_fn=collate_fn)
 
@@ -66,7 +67,7 @@ def _schedule(module: nn.Module, args: argparse.Namespace, lr: float, epochs: in
 def scratch_stages(net: ScratchCNN, train_ds: PhotoDataset, val_ds: PhotoDataset,
                    args: argparse.Namespace) -> list[Stage]:
     collate = _mix_collate(net.head[-1].out_features) if args.mix else None
-    train_loader = _loader(distributed.shard(train_ds), args.batch_size, True, args.seed, collate)
+    train_loader = _loader(train_ds, args.batch_size, True, args.seed, collate)
     opt, sched = _schedule(net, args, args.lr, args.epochs, len(train_loader))
     net.to(memory_format=torch.channels_last)  # the exported graphs are unaffected
     return [Stage("scratch", _ChannelsLast(net), train_loader, _val_loader(val_ds, 256, args.seed),
@@ -170,7 +171,7 @@ def transfer_stages(net: TransferNet, train_ds: PhotoDataset, val_ds: PhotoDatas
     for p in net.parameters():
         p.requires_grad_(False)
     trunk = _trunk_runner(net, cache_cut, train_ds.cfg.input_size, device)
-    train_acts = _cache(trunk, distributed.shard(train_ds), args.views, "trunk (augmented views)")
+    train_acts = _cache(trunk, train_ds, args.views, "trunk (augmented views)")
     val_acts = _cache(trunk, val_ds, 1, "trunk (val)") if len(val_ds) else None
 
     train_feats = _pool(net, train_acts, cache_cut, device)
@@ -187,7 +188,7 @@ def transfer_stages(net: TransferNet, train_ds: PhotoDataset, val_ds: PhotoDatas
             for p in module.parameters():
                 p.requires_grad_(True)
         if args.stream:
-            tail, train_data, val_data = _Streamed(net, cut), distributed.shard(train_ds), val_ds
+            tail, train_data, val_data = _Streamed(net, cut), train_ds, val_ds
         else:
             tail, train_data, val_data = _Tail(net, cut), train_acts, val_acts
         tail_loader = _loader(train_data, args.batch_size, True, args.seed)
