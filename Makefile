@@ -44,6 +44,11 @@ NPROC ?= 1
 TORCHRUN_ARGS ?= --standalone
 TRAINER = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun $(TORCHRUN_ARGS) --nproc-per-node $(NPROC),$(PY))
 SOAK_ARGS ?=
+# the venv TorchServe runs from: .venv, or `make serve-venv`'s with the CPU-only torch build on this
+# machine's disk (2.13.0; the image takes 2.14.1 from PyTorch's CPU index, deploy/Dockerfile)
+SERVE_VENV ?= $(VENV)
+SERVE_STAMP := .venv-serve/.installed
+SERVE_TORCH ?= 2.13.0
 FAULT_ARGS ?=
 SWEEP_ARGS ?=
 ARCHIVE_ARGS ?=
@@ -53,7 +58,7 @@ IMAGE ?= landmark:$(MODEL_VERSION)
 MAR ?= $(MODEL_STORE)/$(MODEL_NAME).mar
 
 .PHONY: help install data train train-scratch train-transfer ensemble export quantize eval-open-set archive serve ready \
-	predict stop bench soak sweep faults app tag tag-distributed image browser-deps test lint demo clean
+	predict stop serve-venv bench soak sweep faults app tag tag-distributed image browser-deps test lint demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -93,8 +98,16 @@ archive: $(STAMP)  ## build model_store/landmark.mar from a run folder (MODEL_DI
 	$(PY) -m handlers.archive --model-dir "$(MODEL_DIR)" --backend $(BACKEND) --name $(MODEL_NAME) \
 		--version $(MODEL_VERSION) --store "$(MODEL_STORE)" --force $(ARCHIVE_ARGS)
 
-serve: $(STAMP)  ## start TorchServe with the archive and wait until its worker is READY
-	$(PY) -m handlers.server start --store "$(MODEL_STORE)" --name $(MODEL_NAME)
+serve: $(STAMP)  ## start TorchServe with the archive and wait until its worker is READY (SERVE_VENV=.venv-serve: lean)
+	$(SERVE_VENV)/bin/python -m handlers.server start --store "$(MODEL_STORE)" --name $(MODEL_NAME)
+
+serve-venv: $(SERVE_STAMP)  ## .venv-serve: TorchServe with a CPU-only torch, so each worker holds about half the memory
+
+$(SERVE_STAMP): deploy/requirements.txt
+	python3 -m venv .venv-serve
+	.venv-serve/bin/pip install --quiet torch==$(SERVE_TORCH)
+	grep -v -e '^torch==' -e '^#' deploy/requirements.txt | .venv-serve/bin/pip install --quiet -r /dev/stdin
+	touch $@
 
 ready: $(STAMP)  ## exit 0 while the served model has a READY worker, else 1 and why (/ping cannot tell)
 	$(PY) -m handlers.server ready

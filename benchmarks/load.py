@@ -53,7 +53,7 @@ def write_config(path: Path, properties: dict[str, object]) -> Path:
 @contextlib.contextmanager
 def own_server(model_dir: Path, backend: str = "onnx", settings: dict[str, int] | None = None,
                workers: int | None = None, start_timeout: float = 240,
-               properties: dict[str, object] | None = None) -> Iterator[TorchServe]:
+               properties: dict[str, object] | None = None, venv: Path | None = None) -> Iterator[TorchServe]:
     """``model_dir`` archived with ``settings`` (default: ``make archive``'s) and served, with
     serve_config/config.properties (``properties`` overriding some of it), until the block ends."""
     from handlers.archive import build
@@ -63,7 +63,7 @@ def own_server(model_dir: Path, backend: str = "onnx", settings: dict[str, int] 
         build(model_dir, backend, "landmark", "load", store, force=True, **(settings or archive_settings()))
         if properties:
             config = write_config(Path(tmp) / "config.properties", properties)
-        server = TorchServe(store, "landmark", workdir=Path(tmp) / "ts", config=config, workers=workers)
+        server = TorchServe(store, "landmark", workdir=Path(tmp) / "ts", config=config, workers=workers, venv=venv)
         with server.start(start_timeout):
             yield server
 

@@ -55,6 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="photo folders (default: the model's own test split and everyday/test)")
     p.add_argument("--photos-per-folder", type=positive_int, default=100)
     p.add_argument("--workers", type=positive_int, help="workers per model (default: serve_config's)")
+    p.add_argument("--serve-venv", type=Path, help="run TorchServe from this venv (make serve-venv: CPU-only torch)")
     p.add_argument("--memory-every", type=float, default=5.0, help="seconds between worker memory samples")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     return p
@@ -102,7 +103,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict:
         raise FileNotFoundError(f"no photos in {[str(d) for d in dirs]}")
     plan = Plan.mixed(work / "soak", photos, args.requests, args.bad_every)
     warmup = Plan.mixed(work / "warmup", photos, 10 * args.concurrency)
-    with own_server(args.model_dir, args.backend, workers=args.workers) as server:
+    with own_server(args.model_dir, args.backend, workers=args.workers, venv=args.serve_venv) as server:
         run_locust(server, warmup, args.concurrency, timeout_s=300)
         pids, start_memory = server.worker_pids(), worker_memory(server)
         timeout = 300 + args.requests  # a generous bound (1 request/s), so a hang ends the run
