@@ -326,14 +326,19 @@ def print_summary(summary: dict, dst: Path) -> None:
           f"Report: {dst / REPORT_CSV}")
 
 
-def main(args: argparse.Namespace) -> int:
+def report_run(tagger: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> int:
+    """Run a tagger (this one's ``run`` or app.tag_ray's): its summary, or its refusal and exit 2."""
     try:
-        summary = run(args)
+        summary = tagger(args)
     except Abort as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_summary(summary, args.dst)
     return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    return report_run(run, args)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ from app.tag import (
     find_photos,
     local_settings,
     new_record,
-    print_summary,
     read_photo,
+    report_run,
 )
 from landmark.cli import non_negative_int, positive_float, positive_int, precision
 from landmark.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig, load_input
@@ -235,13 +235,7 @@ def main(args: argparse.Namespace) -> int:
     if args.gpus_per_worker < 0:
         print("error: --gpus-per-worker must be >= 0", file=sys.stderr)
         return 2
-    try:
-        summary = run(args)
-    except Abort as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print_summary(summary, args.dst)
-    return 0
+    return report_run(run, args)
 
 
 if __name__ == "__main__":

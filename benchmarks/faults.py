@@ -30,12 +30,12 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.inputs import list_photos
 from benchmarks.load import (
     Plan,
     archive_settings,
     missing_model,
     own_server,
+    photos_in,
     publish,
     run_header,
     run_locust,
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.soak import default_photo_dirs
 
     t0 = time.time()
-    photos = [f for d in default_photo_dirs(args.model_dir) if d.is_dir() for f in list_photos(d, 50)]
+    photos = photos_in(default_photo_dirs(args.model_dir), 50)
     result = {**run_header(args, t0), "model_dir": str(args.model_dir), "backend": args.backend,
               "concurrency": args.concurrency, "workers": {}}
     with tempfile.TemporaryDirectory(prefix="faults-") as tmp:

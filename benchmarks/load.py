@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.bad_inputs import bad_inputs
+from benchmarks.inputs import list_photos
 from benchmarks.stats import percentile
 from handlers.process import TorchServe
 from handlers.settings import CONFIG
@@ -66,6 +67,11 @@ def own_server(model_dir: Path, backend: str = "onnx", settings: dict[str, int] 
         server = TorchServe(store, "landmark", workdir=Path(tmp) / "ts", config=config, workers=workers, venv=venv)
         with server.start(start_timeout):
             yield server
+
+
+def photos_in(folders: list[Path], per_folder: int) -> list[Path]:
+    """Up to ``per_folder`` photos spread over each folder that exists (benchmarks.inputs.list_photos)."""
+    return [f for d in folders if d.is_dir() for f in list_photos(d, per_folder)]
 
 
 @dataclass

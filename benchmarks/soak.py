@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.inputs import SHARED, list_photos
+from benchmarks.inputs import SHARED
 from benchmarks.load import (
     MemoryTrace,
     Plan,
@@ -30,6 +30,7 @@ from benchmarks.load import (
     missing_model,
     outcomes,
     own_server,
+    photos_in,
     publish,
     run_header,
     run_locust,
@@ -98,7 +99,7 @@ def verdict(result: dict) -> dict:
 
 def soak(args: argparse.Namespace, work: Path) -> dict:
     dirs = args.photos or default_photo_dirs(args.model_dir)
-    photos = [f for d in dirs if d.is_dir() for f in list_photos(d, args.photos_per_folder)]
+    photos = photos_in(dirs, args.photos_per_folder)
     if not photos:
         raise FileNotFoundError(f"no photos in {[str(d) for d in dirs]}")
     plan = Plan.mixed(work / "soak", photos, args.requests, args.bad_every)

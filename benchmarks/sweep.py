@@ -21,7 +21,6 @@ import numpy as np
 import requests
 from PIL import Image
 
-from benchmarks.inputs import list_photos
 from benchmarks.load import (
     Plan,
     archive_settings,
@@ -29,6 +28,7 @@ from benchmarks.load import (
     missing_model,
     outcomes,
     own_server,
+    photos_in,
     publish,
     run_header,
     run_locust,
@@ -98,7 +98,7 @@ def slowest_request(server, photo: Path, repeats: int = 3) -> dict:
 def sweep(args: argparse.Namespace, work: Path) -> dict:
     from benchmarks.soak import default_photo_dirs
 
-    photos = [f for d in default_photo_dirs(args.model_dir)[:1] if d.is_dir() for f in list_photos(d, 100)]
+    photos = photos_in(default_photo_dirs(args.model_dir)[:1], 100)
     rows = []
     for i, (workers, batch, delay) in enumerate([] if args.no_grid else GRID):
         settings = archive_settings(batch_size=batch, max_batch_delay=delay)
