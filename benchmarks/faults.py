@@ -40,10 +40,9 @@ from benchmarks.load import (
     run_header,
     run_locust,
     unexpected,
-    write_config,
 )
 from handlers.process import TorchServe, free_ports
-from handlers.settings import PORT_KEYS, base_url
+from handlers.settings import CONFIG, PORT_KEYS, base_url, write_properties
 from landmark.cli import positive_float, positive_int
 from landmark.run_files import MODEL_FILES
 
@@ -119,8 +118,8 @@ def kill_workers_under_load(server: TorchServe, photos: list[Path], args: argpar
 def serve_config(work: Path) -> Path:
     """serve_config/config.properties with free ports, so the run never meets a running ``make serve``."""
     ports = dict(zip(PORT_KEYS.values(), free_ports(len(PORT_KEYS)), strict=True))
-    return write_config(work / "config.properties",
-                        {k: base_url(v) if k.endswith("_address") else v for k, v in ports.items()})
+    return write_properties(work / "config.properties", CONFIG,
+                            {k: base_url(v) if k.endswith("_address") else v for k, v in ports.items()})
 
 
 def server_cli(command: str, workdir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

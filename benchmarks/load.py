@@ -27,7 +27,6 @@ from benchmarks.bad_inputs import bad_inputs
 from benchmarks.inputs import list_photos
 from benchmarks.stats import percentile
 from handlers.process import TorchServe
-from handlers.settings import CONFIG
 from landmark import atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,29 +41,17 @@ def archive_settings(**overrides: int) -> dict[str, int]:
     return {"batch_size": BATCH_SIZE, "max_batch_delay": MAX_BATCH_DELAY_MS, "threads": THREADS, **overrides}
 
 
-def write_config(path: Path, properties: dict[str, object]) -> Path:
-    """serve_config/config.properties with ``properties`` in place of its own values of them."""
-    kept = [ln for ln in CONFIG.read_text(encoding="utf-8").splitlines()
-            if ln.split("=", 1)[0].strip() not in properties]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join([*kept, *(f"{k}={v}" for k, v in properties.items())]) + "\n", encoding="utf-8")
-    return path
-
-
 @contextlib.contextmanager
 def own_server(model_dir: Path, backend: str = "onnx", settings: dict[str, int] | None = None,
                workers: int | None = None, start_timeout: float = 240,
-               properties: dict[str, object] | None = None, venv: Path | None = None) -> Iterator[TorchServe]:
-    """``model_dir`` archived with ``settings`` (default: ``make archive``'s) and served, with
-    serve_config/config.properties (``properties`` overriding some of it), until the block ends."""
+               venv: Path | None = None) -> Iterator[TorchServe]:
+    """``model_dir`` archived with ``settings`` (default: ``make archive``'s) and served until the block ends."""
     from handlers.archive import build
 
     with tempfile.TemporaryDirectory(prefix="load-serve-") as tmp:
-        store, config = Path(tmp) / "store", CONFIG
+        store = Path(tmp) / "store"
         build(model_dir, backend, "landmark", "load", store, force=True, **(settings or archive_settings()))
-        if properties:
-            config = write_config(Path(tmp) / "config.properties", properties)
-        server = TorchServe(store, "landmark", workdir=Path(tmp) / "ts", config=config, workers=workers, venv=venv)
+        server = TorchServe(store, "landmark", workdir=Path(tmp) / "ts", workers=workers, venv=venv)
         with server.start(start_timeout):
             yield server
 

@@ -34,6 +34,7 @@ from handlers.settings import (
     STATE_FILE,
     WORKDIR,
     base_url,
+    write_properties,
 )
 from handlers.tokens import Keys, TokenError
 
@@ -124,7 +125,6 @@ class TorchServe:
         return path.is_file() and "Backend worker process died" in path.read_text(encoding="utf-8", errors="replace")
 
     def _write_config(self) -> Path:
-        props = self.config.read_text(encoding="utf-8")
         p = self.ports
         overrides = {
             "inference_address": self.inference_url, "management_address": self.management_url,
@@ -135,11 +135,7 @@ class TorchServe:
         }
         if self.workers:
             overrides["default_workers_per_model"] = self.workers
-        lines = [ln for ln in props.splitlines() if ln.split("=", 1)[0].strip() not in overrides]
-        lines += [f"{k}={v}" for k, v in overrides.items()]
-        path = self.workdir / "config.properties"
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        return path
+        return write_properties(self.workdir / "config.properties", self.config, overrides)
 
     def start(self, timeout: float = 60) -> TorchServe:
         """Launch, then wait until every worker of every model is READY; raise with the log tail otherwise."""

@@ -48,6 +48,15 @@ def read_properties(path: Path) -> dict[str, str]:
     return props
 
 
+def write_properties(path: Path, base: Path, overrides: dict[str, object]) -> Path:
+    """``base``'s properties with ``overrides`` in place of its own values of them, written to ``path``."""
+    kept = [ln for ln in Path(base).read_text(encoding="utf-8").splitlines()
+            if ln.split("=", 1)[0].strip() not in overrides]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([*kept, *(f"{k}={v}" for k, v in overrides.items())]) + "\n", encoding="utf-8")
+    return path
+
+
 def config_ports(config: Path = CONFIG) -> dict[str, int]:
     """The ports a config file names (for ``make serve``, which uses the documented 8080/8081/8082)."""
     props = read_properties(config)
