@@ -50,7 +50,10 @@ def test_a_killed_worker_fails_only_its_batch_and_is_back(tiny_model: Path, tiny
     print(f"\n{killed} of 2 workers SIGKILLed: {r['failed']} failed of {r['in_flight_at_kill']} in flight, "
           f"back in {r['recovery_s']:.1f} s")
     assert r["failed"] <= BATCH_SIZE * killed, r["failed_examples"]
-    assert all(e["status"] == 507 and "Worker died" in e["error"] for e in r["failed_examples"])
+    # TorchServe answers 507 when it has already read the worker's exit status 137, 500 when the socket
+    # closed first (WorkerThread's finally block): the same "Worker died." either way, and a race.
+    assert all(e["status"] in (500, 507) and "Worker died" in e["error"] for e in r["failed_examples"]), \
+        [(e["status"], e["error"]) for e in r["failed_examples"]]
     assert r["recovery_s"] is not None and r["recovery_s"] <= faults.RECOVERY_BAR_S
     assert r["failed_after_recovery"] == 0 and r["requests_after_recovery"] >= args.after_requests
     assert r["ready_went_false"] == (killed == 2)  # ready while one worker is left, not while none is
