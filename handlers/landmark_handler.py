@@ -1,8 +1,11 @@
 """TorchServe handler: photo -> the landmark it shows (or "no landmark I know"), with top-k and locations.
 
 It wraps ``landmark.predict.Predictor`` (staged into the archive beside this file), so served and
-offline answers come from the same decode, crop, network and softmax. It subclasses BaseHandler,
-not VisionHandler, which would import captum. A bad item in a batch gets its own 400 with a JSON
+offline answers come from the same decode, crop, network and softmax. It implements TorchServe's
+handler contract itself (``initialize(context)`` + ``handle(data, context)``, split into preprocess /
+inference / postprocess) instead of subclassing BaseHandler, which imports torch: an ONNX archive's
+handler imports no torch (TorchServe's own worker still does, ``ts/protocol/otf_message_handler.py``;
+docs/quantization.md measures what that costs). A bad item in a batch gets its own 400 with a JSON
 error; the other items of the batch are answered normally and the worker keeps running.
 TorchServe accepts only one class per handler module, so bad input is signalled with
 ``ImageError`` (the photo) and ``ValueError`` (topk) rather than an exception class of our own.
@@ -27,10 +30,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
-from ts.torch_handler.base_handler import BaseHandler
 
 from landmark.cli import positive_int, precision
 from landmark.predict import Predictor, rows
@@ -158,29 +159,52 @@ def parse_min_precision(raw: str | None) -> float | None:
         raise ValueError(f"min_precision: {e}") from None
 
 
-class LandmarkHandler(BaseHandler):
+class LandmarkHandler:
     """Loads model.onnx or model.ts (whichever the archive holds) with its model_meta.json."""
 
+    def __init__(self) -> None:
+        self.initialized, self.context = False, None
+
     def initialize(self, context) -> None:
+        self.context = context
         props = context.system_properties
         model_dir = Path(props["model_dir"])
         handler_cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler", {}) or {}
         threads = _setting("threads", handler_cfg, 1)  # 1 per worker: more oversubscribes a small CPU 40x
         max_pixels = _setting("max_pixels", handler_cfg, DEFAULT_MAX_PIXELS)
-        torch.set_num_threads(threads)
         gpu = props.get("gpu_id") is not None  # TorchServe assigns a GPU only where it has one
         device = "auto" if gpu else "cpu"  # auto: CUDA only where the ORT provider / torch really activates
-        if gpu and torch.cuda.is_available():
-            torch.cuda.set_device(int(props["gpu_id"]))
         self.manifest = context.manifest
         self.model_dims = [Dimension("ModelName", self.manifest["model"]["modelName"]), Dimension("Level", "Model")]
         model_file = model_dir / self.manifest["model"]["serializedFile"]
+        if gpu and model_file.suffix != ".onnx":
+            import torch  # TorchScript needs it anyway; an ONNX worker never does
+
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(props["gpu_id"]))
         self.predictor = Predictor(model_file, device=device, threads=threads, max_pixels=max_pixels)
         self.n_classes = len(self.predictor.classes)
         self.initialized = True
         logger.info("landmark handler: %s on %s (%s), %d classes, threads=%d, max_pixels=%d",
                     model_file.name, self.predictor.runner.device, self.predictor.runner.providers,
                     self.n_classes, threads, max_pixels)
+
+    def handle(self, data: list[dict], context) -> list[str]:
+        """TorchServe's entry point for every batch (and for a customized describe request)."""
+        start = time.perf_counter()
+        self.context = context
+        if context.get_request_header(0, "describe") == "True":  # GET /models/<name>?customized=true
+            return [json.dumps(self.describe())]
+        output = self.postprocess(self.inference(self.preprocess(data)))
+        context.metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000, 2), None, "ms")
+        return output
+
+    def describe(self) -> dict:
+        """What the management API's customized describe shows: which network answers, and how it decides."""
+        p = self.predictor
+        return {"model_file": self.manifest["model"]["serializedFile"], "device": p.runner.device,
+                "providers": p.runner.providers, "classes": self.n_classes, "preprocess": p.cfg.to_dict(),
+                "min_precision": p.open_set.min_precision}
 
     def _metric(self, name: str, value: float, unit: str, kind: MetricTypes, **dims: str) -> None:
         """One value on TorchServe's metrics, with every dimension named in the order metrics.yaml lists them

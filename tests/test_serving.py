@@ -32,6 +32,7 @@ from handlers.server import ready as ready_command
 from handlers.settings import BATCH_SIZE, MAX_BATCH_DELAY_MS, config_ports, read_properties
 from handlers.tokens import Keys, TokenError
 from landmark.predict import Predictor
+from landmark.run_files import MODEL_FILES
 
 MODELS = {"landmark_onnx": "onnx", "landmark_ts": "torchscript"}
 COLD_START_S = 60  # the bound test_server_settings asserts; the fixture waits three times as long
@@ -135,8 +136,8 @@ def test_archive_is_reproducible_and_self_contained(tiny_model: Path, tmp_path: 
 
 def test_archive_needs_no_module_from_outside_it(tiny_model: Path, tiny_data: Path, tmp_path: Path) -> None:
     """In an isolated interpreter whose path is the unpacked archive and site-packages only, the
-    packaged predictor answers a photo without importing torch, and the handler imports: nothing of
-    the repository is needed."""
+    packaged predictor and then the handler, under TorchServe's own Context, answer a photo without
+    importing torch: nothing of the repository is needed."""
     mar = build(tiny_model, "onnx", "m", "1.0", tmp_path / "store")
     unpacked = tmp_path / "unpacked"
     with zipfile.ZipFile(mar) as z:
@@ -150,7 +151,20 @@ from landmark.predict import Predictor
 predictor = Predictor({str(unpacked / "model.onnx")!r}, device="cpu")
 print(predictor.predict([{str(photo)!r}], 1)[0]["top_k"][0]["label"])
 print("torch loaded:", "torch" in sys.modules)
-import landmark_handler
+import json, ts, landmark_handler, yaml
+from ts.context import Context, RequestProcessor
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+metrics = MetricsCacheYamlImpl(ts.__path__[0] + "/configs/metrics.yaml")
+metrics.initialize_cache()
+manifest = json.load(open({str(unpacked / "MAR-INF" / "MANIFEST.json")!r}))
+config = yaml.safe_load(open({str(unpacked / "model-config.yaml")!r}))
+context = Context("m", {str(unpacked)!r}, manifest, 2, None, "0.12.0", metrics=metrics, model_yaml_config=config)
+handler = landmark_handler.LandmarkHandler()
+handler.initialize(context)
+context.request_processor = [RequestProcessor({{}})]
+answer = json.loads(handler.handle([{{"body": open({str(photo)!r}, "rb").read()}}], context)[0])
+print("handler:", answer["top_k"][0]["label"])
+print("torch loaded by the handler:", "torch" in sys.modules)
 files = {{name: getattr(m, "__file__", None) or "" for name, m in sys.modules.items()}}
 outside = sorted(n for n, f in files.items() if f.startswith({str(ROOT)!r}) and "site-packages" not in f)
 print("outside:", outside)
@@ -161,7 +175,9 @@ print("outside:", outside)
     lines = done.stdout.splitlines()
     assert lines[0] in {"09.Golden_Gate_Bridge", "16.Eiffel_Tower", "taj mahal"}
     assert lines[1] == "torch loaded: False"  # an ONNX prediction through the package never imports torch
-    assert lines[2] == "outside: []"
+    assert lines[2] == f"handler: {lines[0]}"  # the handler's answer, through TorchServe's own Context
+    assert lines[3] == "torch loaded by the handler: False"  # an ONNX archive's handler never imports torch
+    assert lines[4] == "outside: []"
 
 
 def test_archive_cli_refuses_a_folder_without_exports(tmp_path: Path) -> None:
@@ -209,6 +225,13 @@ def test_server_settings(server: TorchServe) -> None:
     assert server.cold_start_s < COLD_START_S
     metrics = requests.get(f"{server.metrics_url}/metrics", timeout=10)
     assert metrics.status_code == 200 and "# TYPE" in metrics.text
+    for model, backend in MODELS.items():  # the handler's own describe, on the management API
+        r = requests.get(f"{server.management_url}/models/{model}", params={"customized": "true"},
+                         headers=server.management_headers(), timeout=30)
+        assert r.status_code == 200, r.text
+        custom = r.json()[0]["customizedMetadata"]
+        assert custom["model_file"] == MODEL_FILES[backend] and custom["classes"] == N_CLASSES
+        assert custom["device"] == "cpu" and custom["min_precision"] == 0.99
 
 
 @pytest.mark.parametrize("model", MODELS)
