@@ -57,7 +57,7 @@ ENGINE ?= $(shell command -v podman || command -v docker || echo podman)
 IMAGE ?= landmark:$(MODEL_VERSION)
 MAR ?= $(MODEL_STORE)/$(MODEL_NAME).mar
 
-.PHONY: help install data train train-scratch train-transfer ensemble export quantize eval-open-set archive serve ready \
+.PHONY: help install data train train-scratch train-transfer ensemble export quantize eval-open-set archive serve ready bench-decode \
 	predict stop serve-venv bench soak sweep faults app tag tag-distributed image browser-deps test lint demo clean
 
 help:  ## list the targets
@@ -120,6 +120,9 @@ stop: $(STAMP)  ## stop the TorchServe started by make serve
 
 bench: $(STAMP)  ## latency benchmarks: eager / TorchScript / ONNX Runtime CPU+CUDA, and the served endpoint
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+bench-decode: $(STAMP)  ## JPEG draft decoding vs full decode: time per photo and the answers, per model (DECODE_ARGS)
+	$(PY) -m benchmarks.decode $(DECODE_ARGS)
 
 soak: $(STAMP)  ## 10,000 requests at concurrency 8 (Locust; 5% bad inputs): errors, p99 per window, worker PSS (MODEL_DIR, SOAK_ARGS)
 	$(PY) -m benchmarks.soak --model-dir "$(MODEL_DIR)" --backend $(BACKEND) $(SOAK_ARGS)

@@ -15,7 +15,7 @@ import torch
 from conftest import run_module
 
 from benchmarks.backends import Unavailable, assert_provider, make_backend
-from benchmarks.inputs import model_inputs
+from benchmarks.inputs import SUFFIXES, model_inputs
 from benchmarks.served import token_keys
 from benchmarks.stats import percentile, summarize_ms, time_loop
 from landmark.preprocess import PreprocessConfig
@@ -183,3 +183,26 @@ def test_remote_url_is_refused() -> None:
     from benchmarks.run import main
 
     assert main(["--url", "http://example.com/predictions/landmark", "--token-file", "/dev/null"]) == 2
+
+
+def test_bench_decode_measures_both_ways_on_the_own_test_split_and_phone_size(tiny_model: Path, tiny_data: Path,
+                                                                               tmp_path: Path) -> None:
+    """The draft is what the model was evaluated with, so its accuracy there is the run's own test figure;
+    phone-size copies (12 MP) are always decoded at a reduced scale."""
+    from benchmarks import decode
+
+    assert decode.main(["--model-dir", str(tiny_model), "--photos", str(tiny_data / "train"),
+                        "--phone-size", str(tiny_data / "test"), "--repeats", "1", "--out-dir", str(tmp_path)]) == 0
+    [out] = tmp_path.glob("decode-*.json")
+    [run] = json.loads(out.read_text())["runs"]
+    own, other, phone = run["sets"]
+    n_test = sum(p.suffix in SUFFIXES for p in (tiny_data / "test").rglob("*"))
+    assert own["set"] == str((tiny_data / "test").resolve()) and own["photos"] == n_test
+    recorded = json.loads((tiny_model / "metrics.json").read_text())["test_accuracy"]
+    assert abs(own["top1_accuracy"]["draft"] - recorded) <= 1 / n_test + 1e-9
+    assert other["photos"] == sum(p.suffix in SUFFIXES for p in (tiny_data / "train").rglob("*"))
+    assert "top1_accuracy" not in other and phone["photos"] == n_test and phone["drafted"] == n_test
+    for s in run["sets"]:
+        assert all(s["ms"][w]["median"] > 0 for w in ("draft", "full")) and 0 <= s["decision_agree"] <= 1
+    assert out.with_suffix(".md").read_text().count("\n| `") == 3
+    assert decode.main(["--model-dir", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path)]) == 1
