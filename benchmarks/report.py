@@ -78,14 +78,21 @@ def comparisons(model: dict) -> list[str]:
     return lines
 
 
+def _worker_memory(served: dict) -> str:
+    """Each worker's PSS / RSS after the load (results before PSS was recorded: RSS only)."""
+    if "workers" not in served:
+        return f"worker RSS MB {served.get('worker_rss_mb')}"
+    workers = served["workers"].values()
+    return "worker PSS / RSS MB " + ", ".join(f"{w['pss_mb']:.0f} / {w['rss_mb']:.0f}" for w in workers)
+
+
 def served_table(served: dict) -> str:
     if "status" in served:
         return f"== served endpoint: {served['status']}"
     lines = [f"== served endpoint ({served['server']}, photo {served['photo']['source']})"]
     if served.get("cold_start_s") is not None:
-        lines.append(f"cold start (start -> READY) {served['cold_start_s']:.1f} s; worker RSS MB "
-                     f"{served.get('worker_rss_mb')}; frontend RSS MB {served.get('frontend_rss_mb')}; "
-                     f"archive {served.get('archive')}")
+        lines.append(f"cold start (start -> READY) {served['cold_start_s']:.1f} s; {_worker_memory(served)}; "
+                     f"frontend RSS MB {served.get('frontend_rss_mb')}; archive {served.get('archive')}")
     lines.append(f"{'concurrency':>11}{'requests':>9}{'errors':>7}{'p50':>9}{'p90':>9}{'p99':>9}{'req/s':>8}")
     for lv in served["levels"]:
         lines.append(f"{lv['concurrency']:>11}{lv['requests']:>9}{lv['errors']:>7}{_num(lv.get('p50_ms'), '9.2f'):>9}"

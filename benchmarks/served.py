@@ -4,6 +4,7 @@ measured in the same run so the difference is TorchServe's own overhead."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,7 @@ from pathlib import Path
 import psutil
 import requests
 
-from benchmarks.load import archive_settings, own_server
+from benchmarks.load import archive_settings, own_server, worker_memory
 from benchmarks.stats import summarize_ms, time_loop
 from handlers.tokens import Keys
 from landmark.run_files import model_file
@@ -85,24 +86,19 @@ def inprocess_reference(model_file: Path, body: bytes, threads: int, budget_s: f
     return {name: summarize_ms(time_loop(fn, budget_s, min_iters=20, max_iters=500)[0]) for name, fn in parts.items()}
 
 
-def rss_mb(pid: int) -> float | None:
-    try:
-        return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
-    except psutil.Error:
-        return None
-
-
 def server_memory(server) -> dict:
-    """RSS of each worker and of the rest of the server's process tree (Java frontend, launcher)."""
-    workers = server.worker_pids()
-    others = []
-    if getattr(server, "pid", None):
-        try:
-            others = [p.pid for p in psutil.Process(server.pid).children(recursive=True) if p.pid not in workers]
-        except psutil.Error:
-            others = []
-    return {"worker_rss_mb": [rss_mb(p) for p in workers],
-            "frontend_rss_mb": round(sum(filter(None, (rss_mb(p) for p in others))), 1) if others else None}
+    """RSS and PSS of each worker after the load, and the RSS of the rest of the server's process tree
+    (Java frontend, launcher)."""
+    workers = worker_memory(server)
+    try:
+        rest = [p for p in psutil.Process(server.pid).children(recursive=True) if str(p.pid) not in workers]
+    except psutil.Error:
+        rest = []
+    rss = 0
+    for p in rest:
+        with contextlib.suppress(psutil.Error):
+            rss += p.memory_info().rss
+    return {"workers": workers, "frontend_rss_mb": round(rss / 2**20, 1) or None}
 
 
 def run_loads(url: str, keys: Keys, body: bytes, loads: list[Load], warmup: int = 4) -> list[dict]:

@@ -169,7 +169,8 @@ def test_cli_backend_rows(bench_run: tuple[dict, Path, str]) -> None:
 def test_cli_served_endpoint(bench_run: tuple[dict, Path, str]) -> None:
     served = bench_run[0]["served"]
     assert "status" not in served, served.get("status")
-    assert served["cold_start_s"] > 0 and served["worker_rss_mb"] and all(served["worker_rss_mb"])
+    assert served["cold_start_s"] > 0 and served["workers"] and served["frontend_rss_mb"] > 0
+    assert all(0 < w["pss_mb"] <= w["rss_mb"] for w in served["workers"].values())
     assert [lv["concurrency"] for lv in served["levels"]] == [1, 2]
     for lv in served["levels"]:
         assert lv["errors"] == 0, lv["error_examples"]
