@@ -29,21 +29,23 @@ from train.nets import ScratchCNN, TransferNet
 from train.optim import make_optimizer, param_groups, warmup_cosine
 
 
-def _loader(ds: torch.utils.data.Dataset, batch_size: int, shuffle: bool, seed: int,
-            collate_fn: Callable | None = None) -> DataLoader:
-    """Under DDP a shuffled (training) loader yields this rank's part of each single-process batch."""
+def loader(ds: torch.utils.data.Dataset, batch_size: int, shuffle: bool, seed: int,
+           collate_fn: Callable | None = None) -> DataLoader:
+    """Under DDP a shuffled (training) loader yields this rank's part of each single-process batch. It
+    holds the generator in both cases: each epoch's iterator first draws a base seed from it (from the
+    global generator without one, which would shift the dropout draws), then the permutation."""
     g = torch.Generator().manual_seed(seed)
     drop_last = shuffle and len(ds) > batch_size  # no ragged last batch for BatchNorm, if there is a choice
     if shuffle and distributed.active():
         return DataLoader(ds, batch_size=distributed.per_rank_batch(batch_size), drop_last=drop_last,
-                          sampler=distributed.ShardedShuffle(len(ds), g), collate_fn=collate_fn)
+                          sampler=distributed.ShardedShuffle(len(ds), g), generator=g, collate_fn=collate_fn)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
                       collate_fn=collate_fn)
 
 
 def _val_loader(ds: torch.utils.data.Dataset | None, batch_size: int, seed: int) -> DataLoader | None:
     """None without validation photos (``--val-fraction 0``): the engine then keeps the last epoch."""
-    return _loader(ds, batch_size, False, seed) if ds is not None and len(ds) else None
+    return loader(ds, batch_size, False, seed) if ds is not None and len(ds) else None
 
 
 def _mix_collate(num_classes: int) -> Callable:
@@ -67,7 +69,7 @@ def _schedule(module: nn.Module, args: argparse.Namespace, lr: float, epochs: in
 def scratch_stages(net: ScratchCNN, train_ds: PhotoDataset, val_ds: PhotoDataset,
                    args: argparse.Namespace) -> list[Stage]:
     collate = _mix_collate(net.head[-1].out_features) if args.mix else None
-    train_loader = _loader(train_ds, args.batch_size, True, args.seed, collate)
+    train_loader = loader(train_ds, args.batch_size, True, args.seed, collate)
     opt, sched = _schedule(net, args, args.lr, args.epochs, len(train_loader))
     net.to(memory_format=torch.channels_last)  # the exported graphs are unaffected
     return [Stage("scratch", _ChannelsLast(net), train_loader, _val_loader(val_ds, 256, args.seed),
@@ -178,7 +180,7 @@ def transfer_stages(net: TransferNet, train_ds: PhotoDataset, val_ds: PhotoDatas
     val_feats = _pool(net, val_acts, cache_cut, device) if val_acts is not None else None
     for p in net.head.parameters():
         p.requires_grad_(True)
-    head_loader = _loader(train_feats, 256, True, args.seed)
+    head_loader = loader(train_feats, 256, True, args.seed)
     opt, sched = _schedule(net.head, args, args.head_lr, args.head_epochs, len(head_loader))
     stages = [Stage("head", net.head, head_loader, _val_loader(val_feats, 1024, args.seed),
                     opt, sched, args.head_epochs, args.patience)]
@@ -191,7 +193,7 @@ def transfer_stages(net: TransferNet, train_ds: PhotoDataset, val_ds: PhotoDatas
             tail, train_data, val_data = _Streamed(net, cut), train_ds, val_ds
         else:
             tail, train_data, val_data = _Tail(net, cut), train_acts, val_acts
-        tail_loader = _loader(train_data, args.batch_size, True, args.seed)
+        tail_loader = loader(train_data, args.batch_size, True, args.seed)
         opt, sched = _schedule(tail, args, args.lr, args.epochs, len(tail_loader), {"net.head": args.head_lr_scale})
         stages.append(Stage("finetune", tail, tail_loader, _val_loader(val_data, 256, args.seed),
                             opt, sched, args.epochs, args.patience))
