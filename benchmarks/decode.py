@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from benchmarks.inputs import SHARED, SUFFIXES
+from benchmarks.inputs import SHARED, photo_files
 from benchmarks.load import publish, run_header
 from landmark.cli import positive_int
 from landmark.predict import Predictor
@@ -64,7 +64,7 @@ def upscaled(folder: Path, size: tuple[int, int] = PHONE_SIZE) -> list[bytes]:
     """The folder's photos re-encoded at a phone camera's 12 MP: real decode cost at that size (their
     answers are not a measure of accuracy, only of agreement)."""
     out = []
-    for f in sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES):
+    for f in photo_files(folder):
         buf = io.BytesIO()
         with Image.open(f) as img:
             img.convert("RGB").resize(size, Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
@@ -103,7 +103,7 @@ def photo_sets(model_dir: Path, folders: list[Path], phone: Path | None) -> list
     own = (Path(json.loads(metrics.read_text())["data_dir"]) / "test").resolve() if metrics.is_file() else None
     sets = []
     for folder in ([own] if own and own.is_dir() else []) + [d for d in folders if not own or d.resolve() != own]:
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES)
+        files = photo_files(folder)
         sets.append((str(folder), [p.read_bytes() for p in files],
                      [p.parent.name for p in files] if folder == own else None))
     if phone:

@@ -19,10 +19,14 @@ SERVED_PHOTOS = (SHARED / "udacity_samples", SHARED / "world_heritage13")
 SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
+def photo_files(folder: Path) -> list[Path]:
+    """Every JPEG / PNG under ``folder``, recursively, sorted by path."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES)
+
+
 def list_photos(folder: Path, n: int) -> list[Path]:
     """Up to n photos spread evenly over the folder's sorted files (test split first where there is one)."""
-    root = folder / "test" if (folder / "test").is_dir() else folder
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in SUFFIXES)
+    files = photo_files(folder / "test" if (folder / "test").is_dir() else folder)
     step = max(1, len(files) // n) if files else 1
     return files[::step][:n]
 

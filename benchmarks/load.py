@@ -28,6 +28,7 @@ from benchmarks.inputs import list_photos
 from benchmarks.stats import percentile
 from handlers.process import TorchServe
 from landmark import atomic
+from landmark.run_files import META
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -165,9 +166,9 @@ def outcomes(records: list[dict]) -> dict[str, dict[str, int]]:
 
 def missing_model(model_dir: Path) -> str | None:
     """Why ``model_dir`` cannot be served, or None."""
-    if (model_dir / "model_meta.json").is_file():
+    if (model_dir / META).is_file():
         return None
-    return f"--model-dir {model_dir}: no exported model (model_meta.json): run make train first"
+    return f"--model-dir {model_dir}: no exported model ({META}): run make train first"
 
 
 def run_header(args, started: float) -> dict:
