@@ -91,8 +91,8 @@ export: $(STAMP)  ## re-export a run folder: model.ts, model.onnx, open_set.npz,
 quantize: $(STAMP)  ## static INT8 model.int8.onnx beside model.onnx; fails if test top-1 drops > 0.5 points (OUT, QUANT_ARGS)
 	$(PY) -m train.quantize --run-dir "$(or $(OUT),$(MODEL_DIR))" $(QUANT_ARGS)
 
-eval-open-set: $(STAMP)  ## known vs unknown photos at the stored operating point (MODEL_DIR, KNOWN=<test dir>, UNKNOWN="<dir> ...")
-	$(PY) -m train.eval_open_set --model-dir "$(MODEL_DIR)" --known "$(KNOWN)" --unknown $(UNKNOWN)
+eval-open-set: $(STAMP)  ## known (also shrunk) vs each unknown set at the stored operating point (MODEL_DIR, UNKNOWN="<dir> ...", KNOWN)
+	$(PY) -m train.eval_open_set --model-dir "$(MODEL_DIR)" $(if $(KNOWN),--known "$(KNOWN)") --unknown $(UNKNOWN)
 
 archive: $(STAMP)  ## build model_store/landmark.mar from a run folder (MODEL_DIR, BACKEND=onnx|onnx-int8|torchscript, ...)
 	$(PY) -m handlers.archive --model-dir "$(MODEL_DIR)" --backend $(BACKEND) --name $(MODEL_NAME) \

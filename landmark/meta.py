@@ -96,6 +96,34 @@ class Int8Record:
 
 
 @dataclass(frozen=True)
+class OpenSetRecord:
+    """How ``open_set.npz`` was fitted (``train.open_set``): its method, operating point and what it
+    measured on the validation photos (never a test split)."""
+
+    method: str
+    format_version: int  # of open_set.npz
+    temperature: float
+    min_precision: float  # the stored operating point's precision target
+    threshold: float | None  # that operating point as a confidence (None: no validation tag reached it)
+    gate_signals: list[str]  # the reference gate's inputs, in order ...
+    gate_weight: list[float]  # ... and its weight per standardised input
+    view_sizes: list[int]  # shorter sides of the low-resolution views known photos and negatives entered at
+    references: int  # reference embeddings carried (training photos and their views)
+    folds: int  # the validation scores are cross-fitted over this many folds
+    val_known: int  # validation queries (all views) of known landmarks ...
+    val_negative: int  # ... of negatives ...
+    val_lookalike: int  # ... and leave-class-out look-alikes (fitted on; not operating-point queries)
+    val_coverage: float
+    val_negatives_tagged: float
+    val_lookalikes_tagged: float
+    val_ece_before: float
+    val_ece_after: float
+    negatives: list[str] = field(default_factory=list)
+    file: str | None = None  # open_set.npz
+    bytes: int | None = None
+
+
+@dataclass(frozen=True)
 class ModelMeta:
     """``model_meta.json``: the record plus what export measured and wrote."""
 
@@ -108,7 +136,7 @@ class ModelMeta:
     onnx_opset: int
     torch: str
     exported_at: str
-    open_set: dict[str, Any] | None = None  # the fitted unknown-place decision, where there is one
+    open_set: OpenSetRecord | None = None  # the fitted unknown-place decision, where there is one
     int8: Int8Record | None = None  # the quantized model.int8.onnx, where ``make quantize`` made one
 
     @property
@@ -128,14 +156,21 @@ class ModelMeta:
     def from_dict(cls, d: dict) -> ModelMeta:
         d = _upgrade(d, "model metadata")
         return cls(ModelRecord.from_dict(d["model"]), d["model_version"], tuple(d["outputs"]), d["metrics"],
-                   d["parity"], d["files"], d["onnx_opset"], d["torch"], d["exported_at"], d.get("open_set"),
+                   d["parity"], d["files"], d["onnx_opset"], d["torch"], d["exported_at"], _open_set(d.get("open_set")),
                    Int8Record(**d["int8"]) if d.get("int8") else None)
-
-    def with_open_set(self, open_set: dict) -> ModelMeta:
-        return replace(self, open_set=open_set)
 
     def with_int8(self, int8: Int8Record) -> ModelMeta:
         return replace(self, int8=int8)
+
+
+def _open_set(d: dict | None) -> OpenSetRecord | None:
+    """The record of the fitted decision; one of the first format (before references) is refused."""
+    if not d:
+        return None
+    if d.get("format_version") is None:
+        raise SchemaError("its open-set decision is of format 1 (before reference photos): re-export the model "
+                          "(python -m train.export --run-dir <run>)")
+    return OpenSetRecord(**d)
 
 
 def _strip_shared(model_args: dict) -> dict:

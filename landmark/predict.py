@@ -52,7 +52,7 @@ class Predictor:
 
     def answer(self, outputs: Outputs, k: int = 5, min_precision: float | None = None) -> dict:
         """The served JSON of one photo (``outputs`` of a batch of one; see ``answer``)."""
-        target = self.open_set.min_precision if min_precision is None else min_precision
+        target = self.open_set.target(min_precision)
         return answer(self.open_set.decide(outputs, target)[0], self.classes, k, target)
 
     def predict(self, images: list[bytes | Path | str], k: int = 5, min_precision: float | None = None) -> list[dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import zipfile
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from handlers.process import TorchServe
 from landmark.open_set import OpenSet
 from landmark.predict import Predictor
 from landmark.run_files import OPEN_SET, read_meta
+from train.open_set import shrunk
 
 CLASSES = ["angkor_wat", "colosseum_rome", "petra_jordan", "taj_mahal"]
 N_TRAIN, N_NEGATIVES, N_UNKNOWN = 30, 60, 24
@@ -53,7 +55,7 @@ def sets(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 def model(sets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("open_set_model")
     trained = run_module("train.train", "--arch", "transfer", "--data-dir", str(sets["known"]), "--out", str(out),
-                         "--input-size", "128", "--epochs", "0", "--views", "1", "--val-fraction", "0.2",
+                         "--input-size", "224", "--epochs", "0", "--views", "1", "--val-fraction", "0.2",
                          "--threads", "2")
     assert trained.returncode == 0, trained.stderr[-3000:]
     exported = run_module("train.export", "--run-dir", str(out), "--negatives", str(sets["negatives"]))
@@ -65,17 +67,34 @@ def model(sets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Pa
 def test_decision_is_fitted_exported_and_archived(model: Path, tmp_path: Path) -> None:
     meta = read_meta(model)
     fitted = meta.open_set
-    assert fitted["min_precision"] == 0.99 and fitted["val_negative"] > 0 and fitted["val_known"] > 0
-    assert 0 < fitted["temperature"] < 20 and fitted["val_ece_after"] <= fitted["val_ece_before"] + 1e-9
+    assert fitted.min_precision == 0.99 and fitted.val_negative > 0 and fitted.val_known > 0
+    assert fitted.val_lookalike == fitted.val_known  # every known validation query is also scored as a look-alike
+    assert 0 < fitted.temperature < 20 and fitted.val_ece_after <= fitted.val_ece_before + 1e-9
     assert meta.outputs == ("logits", "embedding")
     for backend in ("torchscript", "onnx"):
         assert meta.parity[backend]["max_rel_embedding_diff"] <= 1e-3
     with zipfile.ZipFile(build(model, "onnx", "m", "1.0", tmp_path / "store")) as z:
         z.extract(OPEN_SET, tmp_path)
-        assert json.loads(z.read("model_meta.json"))["open_set"] == fitted
+        assert json.loads(z.read("model_meta.json"))["open_set"] == asdict(fitted)
     archived, local = OpenSet.load(tmp_path / OPEN_SET), OpenSet.load(model / OPEN_SET)
     assert archived.temperature == local.temperature and archived.threshold() == local.threshold()
-    np.testing.assert_array_equal(archived.head["weight"], local.head["weight"])
+    np.testing.assert_array_equal(archived.head.weight, local.head.weight)
+    np.testing.assert_array_equal(archived.references.embedding, local.references.embedding)
+    assert len(local.references.labels) == fitted.references > 4 * N_TRAIN * 0.8  # the training photos, and views
+
+
+def test_resolution_alone_does_not_decide_unknown(model: Path, sets: dict[str, Path]) -> None:
+    """Known test photos shrunk to a 128 px shorter side (JPEG q85) are still recognised as known:
+    the first decision, fitted on 64 px "other landmark" negatives only, gave them P(known) ~ 0."""
+    predictor = Predictor.from_dir(model, "onnx", device="cpu")
+    photos = sorted((sets["known"] / "test").rglob("*.jpg"))
+    full = predictor.predict(photos)
+    small = predictor.predict([shrunk(p, 128) for p in photos])
+    assert np.median([a["p_known"] for a in small]) >= 0.5
+    right = [a["top_k"][0]["label"] == p.parent.name for a, p in zip(small, photos, strict=True)]
+    tagged_small = [a["landmark"] is not None for a in small]
+    assert sum(tagged_small) >= sum(a["landmark"] is not None for a in full) // 4 > 0
+    assert sum(r and t for r, t in zip(right, tagged_small, strict=True)) >= 0.9 * sum(tagged_small)
 
 
 def test_unknown_places_are_refused_and_known_ones_tagged(model: Path, sets: dict[str, Path]) -> None:

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 
 from landmark.cli import positive_float, positive_int, precision
 from landmark.labels import softmax
-from landmark.meta import ModelMeta, ModelRecord, write_meta_file
+from landmark.meta import ModelMeta, ModelRecord, OpenSetRecord, write_meta_file
 from landmark.open_set import DEFAULT_MIN_PRECISION
 from landmark.preprocess import load_input
 from landmark.run_files import META, METRICS, MODEL_FILES, OPEN_SET, read_checkpoint
@@ -111,7 +112,7 @@ def check_parity(net: torch.nn.Module, files: dict[str, Path], batch: np.ndarray
 
 
 def publish_open_set(onnx_file: Path, record: ModelRecord, negatives: list[Path], min_precision: float,
-                     out: Path) -> dict | None:
+                     out: Path) -> OpenSetRecord | None:
     """Fit the open-set decision on the exported network's own outputs and write it to ``out``."""
     fitted = fit_for_run(load_runner(onnx_file, device="cpu"), record, negatives, min_precision)
     if fitted is None:
@@ -120,11 +121,13 @@ def publish_open_set(onnx_file: Path, record: ModelRecord, negatives: list[Path]
         return None
     decision, summary = fitted
     decision.save(out / OPEN_SET)
-    point = "none (no validation tag reached it)" if summary["threshold"] is None else f"{summary['threshold']:.4f}"
-    print(f"open-set decision: T={summary['temperature']:.3f}, operating point {point} for "
-          f"precision {min_precision:.1%}: validation coverage {summary['val_coverage']:.1%}, negatives tagged "
-          f"{summary['val_negatives_tagged']:.1%} ({summary['val_known']} known, {summary['val_negative']} negative)")
-    return {**summary, "file": OPEN_SET, "bytes": (out / OPEN_SET).stat().st_size}
+    point = "none (no validation tag reached it)" if summary.threshold is None else f"{summary.threshold:.4f}"
+    print(f"open-set decision: T={summary.temperature:.3f}, operating point {point} for precision "
+          f"{min_precision:.1%}: validation coverage {summary.val_coverage:.1%}, negatives tagged "
+          f"{summary.val_negatives_tagged:.1%}, look-alikes tagged {summary.val_lookalikes_tagged:.1%} "
+          f"({summary.val_known} known, {summary.val_negative} negative, {summary.val_lookalike} look-alike queries "
+          f"over {summary.view_sizes} px views too)")
+    return replace(summary, file=OPEN_SET, bytes=(out / OPEN_SET).stat().st_size)
 
 
 def sha256(path: Path) -> str:

@@ -1,26 +1,51 @@
 """Fit the open-set decision (``landmark.open_set``) of an exported network, at export time.
 
-Nothing is fitted on a test split. The temperature and the operating point come from the run's own
-validation split (the photos training held out) plus held-out negatives; the P(known) head from the
-training photos plus the other half of the negatives. Negatives are folders of photos that show no
-landmark this model knows (everyday scenes, another landmark set's train/ split); their files are
-split alternately by sorted path into a fitting half and a validation half.
+Nothing is fitted on a test split. The temperature, the reference gate and the operating point come from
+the run's own validation split (the photos training held out) plus held-out negatives; the P(known)
+head and the reference bank from the training photos plus the other half of the negatives. Every
+known photo and negative also enters at lower resolutions (``VIEW_SIZES``: shrunk, JPEG-recompressed
+views), so resolution is no cue. Negatives are folders of photos that show no landmark this model
+knows (everyday scenes, another landmark set's train/ split); their files are split alternately by
+sorted path into a fitting half and a validation half. Look-alikes of other landmarks, which the
+reference gate is fitted against, come from the validation photos themselves: each one scored as if
+its own class were unknown (leave-class-out).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from landmark.meta import ModelRecord
-from landmark.open_set import OpenSet, features, log_softmax, logsumexp, scores, unit
-from landmark.preprocess import PreprocessConfig, load_input
+from landmark.meta import ModelRecord, OpenSetRecord
+from landmark.open_set import (
+    FORMAT_VERSION,
+    GATE_SIGNALS,
+    SIGNALS,
+    Gate,
+    Head,
+    OpenSet,
+    References,
+    features,
+    log_softmax,
+    logsumexp,
+    signals,
+    threshold_for_precision,
+    unit,
+)
+from landmark.preprocess import PreprocessConfig, decode, load_input
 from landmark.runtime import Outputs
 from train.data import DataSplits, image_files
 
 BATCH = 32
+VIEW_SIZES = (224, 128)  # shorter sides of the low-resolution views (a photo already smaller gets none)
+VIEW_QUALITY = 85  # JPEG quality of a view: what a resized share or thumbnail carries
+FOLDS = 5  # the gate's validation scores are cross-fitted over this many folds of the validation photos
+METHOD = ("calibrated top-1 probability x resolution-mixed P(known) x reference gate (nearest-reference similarity "
+          "and margin, fitted against leave-class-out look-alikes)")
 
 
 @dataclass
@@ -28,18 +53,52 @@ class Features:
     logits: np.ndarray
     embedding: np.ndarray
     labels: np.ndarray  # class index; -1 for a negative photo
+    photo: np.ndarray  # index of the source photo within its set (a photo's views share it)
+
+    def outputs(self) -> Outputs:
+        return Outputs(self.logits, self.embedding)
 
     @classmethod
     def concat(cls, parts: list[Features]) -> Features:
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("logits", "embedding", "labels")))
+        names = ("logits", "embedding", "labels", "photo")
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in names))
 
 
-def extract(run, paths: list[Path], labels: list[int], cfg: PreprocessConfig) -> Features:
-    """The exported network's two outputs for these photos, in batches."""
-    out: list[Outputs] = [run(np.stack([load_input(p, cfg) for p in paths[i:i + BATCH]]))
-                          for i in range(0, len(paths), BATCH)]
+def shrunk(path: Path, short_side: int, quality: int = VIEW_QUALITY) -> bytes:
+    """The photo with its shorter side scaled down to ``short_side`` (Lanczos), as a JPEG of ``quality``."""
+    img = decode(path)
+    scale = short_side / min(img.size)
+    if scale < 1:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                         Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def short_side(path: Path) -> int:
+    with Image.open(path) as img:
+        return min(img.size)
+
+
+def extract(run, paths: list[Path], labels: list[int], cfg: PreprocessConfig, view: int | None = None
+            ) -> Features | None:
+    """The exported network's two outputs for these photos (or their ``view``-px views), in batches;
+    None where no photo is larger than the view."""
+    keep = list(range(len(paths))) if view is None else [i for i, p in enumerate(paths) if short_side(p) > view]
+    if not keep:
+        return None
+    sources = [shrunk(paths[i], view) if view else paths[i] for i in keep]
+    out: list[Outputs] = [run(np.stack([load_input(s, cfg) for s in sources[i:i + BATCH]]))
+                          for i in range(0, len(sources), BATCH)]
     return Features(np.concatenate([o.logits for o in out]), np.concatenate([o.embedding for o in out]),
-                    np.asarray(labels, dtype=np.int64))
+                    np.asarray(labels, dtype=np.int64)[keep], np.asarray(keep, dtype=np.int64))
+
+
+def extract_views(run, paths: list[Path], labels: list[int], cfg: PreprocessConfig) -> list[Features]:
+    """The photos at full size, then at each of ``VIEW_SIZES`` (where they are larger)."""
+    views = [extract(run, paths, labels, cfg, v) for v in (None, *VIEW_SIZES)]
+    return [f for f in views if f is not None]
 
 
 def negative_photos(folders: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -94,39 +153,97 @@ def ece(log_probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
                      for i in range(bins) if (idx == i).any()))
 
 
-def fit(train: Features, val: Features, neg_fit: Features | None, neg_val: Features | None,
-        min_precision: float) -> tuple[OpenSet, dict]:
-    """The decision and a summary of how it was fitted (for model_meta.json)."""
-    n_classes = train.logits.shape[1]
-    temperature = fit_temperature(val.logits, val.labels)
-    head = None
-    if neg_fit is not None:
-        mean = unit(train.embedding.astype(np.float64)).mean(0)
-        x = features(np.concatenate([train.embedding, neg_fit.embedding]), mean)
-        y = np.concatenate([train.labels, np.full(len(neg_fit.labels), n_classes)])
-        weight, bias = fit_logistic(x, y, n_classes + 1)
-        # stored as float32: the validation scores below must be those of the stored head
-        head = {k: v.astype(np.float32).astype(np.float64) for k, v in
-                {"mean": mean, "weight": weight, "bias": bias}.items()}
-    queries = Features.concat([val, neg_val]) if neg_val is not None else val
-    log_p, _, log_conf = scores(temperature, head, Outputs(queries.logits, queries.embedding))
-    correct = (queries.labels >= 0) & (log_p.argmax(1) == queries.labels)
-    decision = OpenSet(temperature, head, log_conf, correct, min_precision)
-    tagged = log_conf >= decision.log_threshold()
-    known = queries.labels >= 0
-    summary = {
-        "method": "temperature-scaled softmax x P(known) of a (K+1)-way logistic head" if head is not None
-        else "temperature-scaled softmax (no negatives given)",
-        "temperature": temperature, "min_precision": min_precision, "threshold": decision.threshold(),
-        "val_known": int(known.sum()), "val_negative": int((~known).sum()),
-        "val_coverage": float(tagged[known].mean()), "val_negatives_tagged": float(tagged[~known].mean()),
-        "val_ece_before": ece(log_softmax(val.logits), val.labels),
-        "val_ece_after": ece(log_softmax(val.logits / temperature), val.labels),
-    }
-    return decision, summary
+def fit_head(known: Features, negatives: Features) -> Head:
+    """The (K+1)-way P(known) head, stored as float32: later scores must be those of the stored head."""
+    n_classes = known.logits.shape[1]
+    mean = unit(known.embedding.astype(np.float64)).mean(0)
+    x = features(np.concatenate([known.embedding, negatives.embedding]), mean)
+    y = np.concatenate([known.labels, np.full(len(negatives.labels), n_classes)])
+    weight, bias = fit_logistic(x, y, n_classes + 1)
+    return Head(*(v.astype(np.float32).astype(np.float64) for v in (mean, weight, bias)))
 
 
-def fit_for_run(run, record: ModelRecord, negatives: list[Path], min_precision: float) -> tuple[OpenSet, dict] | None:
+def fit_gate(x: np.ndarray, right: np.ndarray) -> Gate:
+    """Logistic regression of "a tag would be right" on the standardised ``GATE_SIGNALS``."""
+    g = x[:, GATE_SIGNALS]
+    center, scale = g.mean(0), g.std(0) + 1e-6
+    w, b = fit_logistic((g - center) / scale, right.astype(np.int64), 2, l2=1e-2, steps=2000, lr=0.05)
+    return Gate(center, scale, w[:, 1] - w[:, 0], float(b[1] - b[0]))
+
+
+@dataclass
+class Rows:
+    """The validation rows: signals, whether a tag would be right, the fold, and what each row is
+    (a known photo, a leave-class-out look-alike: fitted on, never an operating-point query; a negative)."""
+
+    x: np.ndarray
+    right: np.ndarray
+    fold: np.ndarray
+    lookalike: np.ndarray
+    negative: np.ndarray
+
+
+def validation_rows(base: OpenSet, val: list[Features], neg_val: list[Features], folds: int) -> Rows:
+    parts = []
+    for f in val:
+        log_p, x = base.signals(f.outputs())
+        parts.append((x, (log_p.argmax(1) == f.labels), f.photo % folds, "known"))
+        # leave-class-out: the photo's own class removed from the logits and from the references
+        logits = f.logits.astype(np.float64).copy()
+        logits[np.arange(len(logits)), f.labels] = -np.inf
+        log_p = log_softmax(logits / base.temperature)
+        log_pknown = np.zeros(len(logits)) if base.head is None else base.head.log_pknown(f.embedding)
+        sims = base.references.class_similarity(f.embedding, logits.shape[1], drop=f.labels)
+        parts.append((signals(log_p, log_pknown, sims), np.zeros(len(logits), bool), f.photo % folds, "lookalike"))
+    for f in neg_val:
+        parts.append((base.signals(f.outputs())[1], np.zeros(len(f.labels), bool), f.photo % folds, "negative"))
+    kind = np.concatenate([np.full(len(p[1]), p[3]) for p in parts])
+    return Rows(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                np.concatenate([p[2] for p in parts]), kind == "lookalike", kind == "negative")
+
+
+def fit(train: list[Features], val: list[Features], neg_fit: list[Features] | None, neg_val: list[Features] | None,
+        min_precision: float) -> tuple[OpenSet, OpenSetRecord]:
+    """The decision and a record of how it was fitted (for model_meta.json). ``train``/``val``/negatives:
+    one Features per resolution, full size first."""
+    known = Features.concat(train)
+    temperature = fit_temperature(val[0].logits, val[0].labels)
+    head = fit_head(known, Features.concat(neg_fit)) if neg_fit else None
+    refs = References(unit(known.embedding.astype(np.float32)).astype(np.float16), known.labels.astype(np.int32))
+    base = OpenSet(temperature, head, refs, None, np.zeros(0), np.zeros(0, bool), min_precision)
+    folds = max(2, min(FOLDS, len(val[0].labels)))
+    rows = validation_rows(base, val, neg_val or [], folds)
+    gate_rows = ~rows.negative  # known photos against their own leave-class-out look-alikes
+    log_gate = np.zeros(len(rows.right))
+    for k in range(folds):
+        held = rows.fold == k
+        gate = fit_gate(rows.x[gate_rows & ~held], rows.right[gate_rows & ~held])
+        log_gate[held] = gate.log_p(rows.x[held])
+    log_conf = rows.x[:, 0] + rows.x[:, 1] + log_gate
+    queries = ~rows.lookalike
+    decision = OpenSet(temperature, head, refs, fit_gate(rows.x[gate_rows], rows.right[gate_rows]),
+                       log_conf[queries], rows.right[queries], min_precision)
+    cut = threshold_for_precision(decision.val_score, decision.val_correct, min_precision)
+    known_rows = ~rows.lookalike[queries] & ~rows.negative[queries]
+    tagged = decision.val_score >= cut
+    record = OpenSetRecord(
+        method=METHOD if head is not None else METHOD.replace("resolution-mixed P(known)", "no P(known)"),
+        format_version=FORMAT_VERSION, temperature=temperature, min_precision=min_precision,
+        threshold=decision.threshold(),
+        gate_signals=[SIGNALS[i] for i in GATE_SIGNALS], gate_weight=[round(float(w), 6) for w in decision.gate.weight],
+        view_sizes=list(VIEW_SIZES),
+        references=len(refs.labels), folds=folds, val_known=int(known_rows.sum()),
+        val_negative=int((~known_rows).sum()), val_lookalike=int(rows.lookalike.sum()),
+        val_coverage=float(tagged[known_rows].mean()),
+        val_negatives_tagged=float(tagged[~known_rows].mean()) if (~known_rows).any() else 0.0,
+        val_lookalikes_tagged=float((log_conf[rows.lookalike] >= cut).mean()),
+        val_ece_before=ece(log_softmax(val[0].logits), val[0].labels),
+        val_ece_after=ece(log_softmax(val[0].logits / temperature), val[0].labels))
+    return decision, record
+
+
+def fit_for_run(run, record: ModelRecord, negatives: list[Path], min_precision: float
+                ) -> tuple[OpenSet, OpenSetRecord] | None:
     """Rebuild the run's own split, extract its photos' outputs with ``run`` (the exported network)
     and fit; None where the run kept no validation photos (``--val-fraction 0``)."""
     args = record.train_args
@@ -136,13 +253,12 @@ def fit_for_run(run, record: ModelRecord, negatives: list[Path], min_precision: 
     if splits.fingerprint() != record.data_fingerprint:
         raise SystemExit(f"{record.data_dir} is not the data set this run was trained on (fingerprint differs)")
     cfg = record.preprocess
-    train = extract(run, [p for p, _ in splits.train], [y for _, y in splits.train], cfg)
-    val = extract(run, [p for p, _ in splits.val], [y for _, y in splits.val], cfg)
+    train = extract_views(run, [p for p, _ in splits.train], [y for _, y in splits.train], cfg)
+    val = extract_views(run, [p for p, _ in splits.val], [y for _, y in splits.val], cfg)
     neg_fit = neg_val = None
     if negatives:
         fit_paths, val_paths = negative_photos(negatives)
-        neg_fit = extract(run, fit_paths, [-1] * len(fit_paths), cfg)
-        neg_val = extract(run, val_paths, [-1] * len(val_paths), cfg)
+        neg_fit = extract_views(run, fit_paths, [-1] * len(fit_paths), cfg)
+        neg_val = extract_views(run, val_paths, [-1] * len(val_paths), cfg)
     decision, summary = fit(train, val, neg_fit, neg_val, min_precision)
-    summary["negatives"] = [str(p) for p in negatives]
-    return decision, summary
+    return decision, replace(summary, negatives=[str(p) for p in negatives])
