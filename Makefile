@@ -58,7 +58,7 @@ IMAGE ?= landmark:$(MODEL_VERSION)
 MAR ?= $(MODEL_STORE)/$(MODEL_NAME).mar
 
 .PHONY: help install data train train-scratch train-transfer ensemble export quantize eval-open-set archive serve ready bench-decode \
-	predict stop serve-venv bench soak sweep faults app tag tag-distributed image browser-deps test lint demo clean
+	predict stop serve-venv bench gpu-pack gpu-check soak sweep faults app tag tag-distributed image browser-deps test lint demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -120,6 +120,12 @@ stop: $(STAMP)  ## stop the TorchServe started by make serve
 
 bench: $(STAMP)  ## latency benchmarks: eager / TorchScript / ONNX Runtime CPU+CUDA, and the served endpoint
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+gpu-pack: $(STAMP)  ## .gpu-carry/ for a lent GPU machine: exported models + test crops, or GPU_PACK_ARGS=--served
+	$(PY) -m benchmarks.gpu_pack $(GPU_PACK_ARGS)
+
+gpu-check: $(STAMP)  ## on CUDA: ORT providers, CUDA=CPU outputs, bench's CUDA rows, GPU worker, NCCL (GPU_CHECK_ARGS)
+	@PY=$(PY) bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
 bench-decode: $(STAMP)  ## JPEG draft decoding vs full decode: time per photo and the answers, per model (DECODE_ARGS)
 	$(PY) -m benchmarks.decode $(DECODE_ARGS)

@@ -6,7 +6,6 @@ files, the transfer path (sharded trunk cache, head, fine-tuning) runs too, and 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,60 +20,12 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-ONE_STEP = """
-import json, sys
-import torch, torch.distributed as dist
-from timm.layers import BatchNormAct2d
-from torch import nn
-from torch.utils.data import TensorDataset
-from train import distributed
-from train.stages import loader
-
-def net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
-                         nn.Flatten(), nn.Dropout(0.5), nn.Linear(128, 3))
-
-def step(model, x, y):
-    torch.manual_seed(1)  # the dropout draws
-    out = model(x)
-    nn.functional.cross_entropy(out, y).backward()
-    strip = lambda n: n.removeprefix("module.")
-    return (out.detach(), {strip(n): p.grad for n, p in model.named_parameters()},
-            {strip(n): b.float() for n, b in model.named_buffers()})
-
-def gap(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-def epochs(n=2):  # the batches a shuffled training loader deals, and the global generator after them
-    torch.manual_seed(3)
-    data = loader(TensorDataset(torch.arange(40)), 8, True, 0)
-    return [b[0].tolist() for _ in range(n) for b in data], torch.get_rng_state()
-
-x, y = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(2)), torch.arange(8) % 3
-ref = step(net(), x, y)  # one process, the whole batch (before the process group exists)
-ref_batches, ref_rng = epochs()
-dist.init_process_group("gloo")
-r, w = dist.get_rank(), dist.get_world_size()
-batches, rng = epochs()
-gaps = {"batches": batches == [b[r::w] for b in ref_batches], "rng": bool(torch.equal(rng, ref_rng))}
-for name, model in (("synced", distributed.wrap(net())), ("plain", nn.parallel.DistributedDataParallel(net()))):
-    out, grads, bufs = step(model, x[r::w], y[r::w])
-    gaps[name] = {"out": (out - ref[0][r::w]).abs().max().item(), "grad": gap(grads, ref[1]), "buf": gap(bufs, ref[2])}
-open(f"{sys.argv[1]}/rank{r}.json", "w").write(json.dumps(gaps))
-dist.destroy_process_group()
-"""
-
-
 def test_one_ddp_step_with_batchnorm_and_dropout_is_one_process_step(tmp_path: Path) -> None:
     """Each rank's loader deals every other photo of one process's batch, leaving the global generator
     where one process leaves it; plain DDP differs from one process in BatchNorm statistics and dropout
     masks, the synced layers do not."""
-    script = tmp_path / "one_step.py"
-    script.write_text(ONE_STEP)
-    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(script), str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "train.ddp_step",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for gaps in ranks:
