@@ -107,6 +107,8 @@ class OpenSetRecord:
     threshold: float | None  # that operating point as a confidence (None: no validation tag reached it)
     gate_signals: list[str]  # the reference gate's inputs, in order ...
     gate_weight: list[float]  # ... and its weight per standardised input
+    gate_exponent: float  # confidence = pT x P(known) x gate^exponent ...
+    gate_selection: dict[str, float]  # ... the exponent with the best validation coverage among all queries
     view_sizes: list[int]  # shorter sides of the low-resolution views known photos and negatives entered at
     references: int  # reference embeddings carried (training photos and their views)
     folds: int  # the validation scores are cross-fitted over this many folds

@@ -15,10 +15,11 @@ of the network's two outputs and a bank of reference embeddings:
 - ``ref_margin``: ``ref_sim`` minus the same for the best other class: does the photo look like *this*
   landmark's photos rather than like landmark photos in general?
 
-confidence = calibrated top-1 probability x P(known) x P(looks like its class's photos), the last a
+confidence = calibrated top-1 probability x P(known) x P(looks like its class's photos)^a, the last a
 logistic *reference gate* on (``ref_sim``, ``ref_margin``) fitted on the validation photos against
 leave-class-out look-alikes (each validation photo scored as if its own class were unknown: a photo
-of "another landmark" at full resolution, made from the known set itself). A photo is tagged at or
+of "another landmark" at full resolution, made from the known set itself), and its exponent a (0, 1/2
+or 1) chosen on the validation photos. A photo is tagged at or
 above the operating point: the lowest confidence at which the validation photos (known + negatives,
 the gate cross-fitted) reached the target precision; compared in log space so that confident answers
 do not tie at 1.0. Pure numpy: the handler, the predictor and the taggers share this one function of the
@@ -90,12 +91,12 @@ class Head:
 class References:
     """Unit embeddings of the training photos (and their low-resolution views), with their classes."""
 
-    embedding: np.ndarray  # [N, D] unit length (stored as float16)
+    embedding: np.ndarray  # [N, D] unit length: float16 values (as stored), held as float32 for the product
     labels: np.ndarray  # [N] class index
 
     def class_similarity(self, embedding: np.ndarray, n_classes: int, drop: np.ndarray | None = None) -> np.ndarray:
         """[n, K]: cosine to the nearest reference of each class (-2 where a class has none, or is dropped)."""
-        sims = unit(embedding.astype(np.float32)) @ self.embedding.astype(np.float32).T
+        sims = unit(embedding.astype(np.float32)) @ self.embedding.T
         out = np.full((len(sims), n_classes), -2.0)
         for c in range(n_classes):
             members = self.labels == c
@@ -153,6 +154,7 @@ class OpenSet:
     head: Head | None  # None: fitted without negatives
     references: References | None  # None (with gate None): the uncalibrated top-1 rule
     gate: Gate | None
+    gate_exponent: float  # how much the gate counts: 0 (not at all), 0.5 or 1, chosen on validation photos
     val_score: np.ndarray  # the validation queries' log confidences (the gate cross-fitted) ...
     val_correct: np.ndarray  # ... and whether each was a known photo with the right top-1
     min_precision: float  # the stored operating point's target
@@ -186,7 +188,8 @@ class OpenSet:
 
     def _score(self, x: np.ndarray) -> np.ndarray:
         """log confidence: log top-1 probability + log P(known) + log gate (each 0 where not fitted)."""
-        return x[:, 0] + x[:, 1] + (self.gate.log_p(x) if self.gate is not None else 0.0)
+        gated = self.gate is not None and self.gate_exponent > 0
+        return x[:, 0] + x[:, 1] + (self.gate_exponent * self.gate.log_p(x) if gated else 0.0)
 
     def decide(self, outputs: Outputs, min_precision: float | None = None) -> list[Decision]:
         cut = self.score_threshold(min_precision)
@@ -202,6 +205,7 @@ class OpenSet:
 
     def save(self, path: Path) -> None:
         arrays = {"format_version": np.int64(FORMAT_VERSION), "temperature": np.float64(self.temperature),
+                  "gate_exponent": np.float64(self.gate_exponent),
                   "val_score": self.val_score, "val_correct": self.val_correct,
                   "min_precision": np.float64(self.min_precision)}
         if self.head is not None:  # fitted as float32: the validation scores are those of the stored head
@@ -224,14 +228,16 @@ class OpenSet:
                                  "re-export the model (make export)")
             head = Head(*(z[f"head_{k}"].astype(np.float64) for k in ("mean", "weight", "bias"))) \
                 if "head_mean" in z.files else None
-            refs = References(z["ref_embedding"], z["ref_labels"]) if "ref_embedding" in z.files else None
+            refs = References(z["ref_embedding"].astype(np.float32), z["ref_labels"]) \
+                if "ref_embedding" in z.files else None
             gate = Gate(z["gate_center"], z["gate_scale"], z["gate_weight"],
                         float(z["gate_bias"])) if "gate_weight" in z.files else None
-            return cls(float(z["temperature"]), head, refs, gate, z["val_score"], z["val_correct"],
+            return cls(float(z["temperature"]), head, refs, gate, float(z["gate_exponent"]), z["val_score"],
+                       z["val_correct"],
                        float(z["min_precision"]))
 
     @classmethod
     def uncalibrated(cls, threshold: float = 0.5) -> OpenSet:
         """For a model exported without a validation split: the raw top-1 probability against a fixed
         threshold (the tagger's rule before the open-set decision), whatever precision is asked for."""
-        return cls(1.0, None, None, None, np.array([np.log(threshold)]), np.array([True]), 1.0)
+        return cls(1.0, None, None, None, 0.0, np.array([np.log(threshold)]), np.array([True]), 1.0)

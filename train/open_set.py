@@ -43,6 +43,7 @@ from train.data import DataSplits, image_files
 BATCH = 32
 VIEW_SIZES = (224, 128)  # shorter sides of the low-resolution views (a photo already smaller gets none)
 VIEW_QUALITY = 85  # JPEG quality of a view: what a resized share or thumbnail carries
+GATE_EXPONENTS = (0.0, 0.5, 1.0)  # candidates for how much the reference gate counts, chosen on validation photos
 FOLDS = 5  # the gate's validation scores are cross-fitted over this many folds of the validation photos
 METHOD = ("calibrated top-1 probability x resolution-mixed P(known) x reference gate (nearest-reference similarity "
           "and margin, fitted against leave-class-out look-alikes)")
@@ -209,8 +210,9 @@ def fit(train: list[Features], val: list[Features], neg_fit: list[Features] | No
     known = Features.concat(train)
     temperature = fit_temperature(val[0].logits, val[0].labels)
     head = fit_head(known, Features.concat(neg_fit)) if neg_fit else None
-    refs = References(unit(known.embedding.astype(np.float32)).astype(np.float16), known.labels.astype(np.int32))
-    base = OpenSet(temperature, head, refs, None, np.zeros(0), np.zeros(0, bool), min_precision)
+    refs = References(unit(known.embedding.astype(np.float32)).astype(np.float16).astype(np.float32),
+                      known.labels.astype(np.int32))
+    base = OpenSet(temperature, head, refs, None, 0.0, np.zeros(0), np.zeros(0, bool), min_precision)
     folds = max(2, min(FOLDS, len(val[0].labels)))
     rows = validation_rows(base, val, neg_val or [], folds)
     gate_rows = ~rows.negative  # known photos against their own leave-class-out look-alikes
@@ -219,9 +221,18 @@ def fit(train: list[Features], val: list[Features], neg_fit: list[Features] | No
         held = rows.fold == k
         gate = fit_gate(rows.x[gate_rows & ~held], rows.right[gate_rows & ~held])
         log_gate[held] = gate.log_p(rows.x[held])
-    log_conf = rows.x[:, 0] + rows.x[:, 1] + log_gate
+    known_all = ~rows.lookalike & ~rows.negative
+
+    def coverage_among_all(exponent: float) -> float:
+        """Validation coverage at the target when look-alikes count as queries too: how well this
+        exponent's ranking separates right tags from negatives *and* look-alikes."""
+        score = rows.x[:, 0] + rows.x[:, 1] + exponent * log_gate
+        return float((score[known_all] >= threshold_for_precision(score, rows.right, min_precision)).mean())
+
+    exponent = max(GATE_EXPONENTS, key=coverage_among_all)  # ties: the smaller exponent (first in order)
+    log_conf = rows.x[:, 0] + rows.x[:, 1] + exponent * log_gate
     queries = ~rows.lookalike
-    decision = OpenSet(temperature, head, refs, fit_gate(rows.x[gate_rows], rows.right[gate_rows]),
+    decision = OpenSet(temperature, head, refs, fit_gate(rows.x[gate_rows], rows.right[gate_rows]), exponent,
                        log_conf[queries], rows.right[queries], min_precision)
     cut = threshold_for_precision(decision.val_score, decision.val_correct, min_precision)
     known_rows = ~rows.lookalike[queries] & ~rows.negative[queries]
@@ -230,7 +241,9 @@ def fit(train: list[Features], val: list[Features], neg_fit: list[Features] | No
         method=METHOD if head is not None else METHOD.replace("resolution-mixed P(known)", "no P(known)"),
         format_version=FORMAT_VERSION, temperature=temperature, min_precision=min_precision,
         threshold=decision.threshold(),
-        gate_signals=[SIGNALS[i] for i in GATE_SIGNALS], gate_weight=[round(float(w), 6) for w in decision.gate.weight],
+        gate_signals=[SIGNALS[i] for i in GATE_SIGNALS], gate_exponent=exponent,
+        gate_selection={str(a): round(coverage_among_all(a), 4) for a in GATE_EXPONENTS},
+        gate_weight=[round(float(w), 6) for w in decision.gate.weight],
         view_sizes=list(VIEW_SIZES),
         references=len(refs.labels), folds=folds, val_known=int(known_rows.sum()),
         val_negative=int((~known_rows).sum()), val_lookalike=int(rows.lookalike.sum()),
