@@ -45,6 +45,10 @@ def sets(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     everyday = shared_data / "everyday"
     kinds = sorted(p.name for p in (everyday / "train").iterdir())
     link_subset(everyday / "train", root / "negatives", kinds, N_NEGATIVES // len(kinds) + 1)
+    # other landmarks too (as the shipped recipes do): with resolution no longer a cue, everyday scenes alone
+    # do not teach the head that a photo of another landmark is not one of its own
+    im49_train = shared_data / "indian_monuments49" / "train"
+    link_subset(im49_train, root / "negatives" / "other_landmarks", sorted(p.name for p in im49_train.iterdir()), 1)
     im49 = shared_data / "indian_monuments49" / "test"
     link_subset(im49, root / "unknown", sorted(p.name for p in im49.iterdir())[:N_UNKNOWN], 1)
     return {"known": root / "known", "negatives": root / "negatives", "unknown": root / "unknown",
