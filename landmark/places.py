@@ -175,27 +175,43 @@ def group_places(coords: np.ndarray, radius_km: float) -> tuple[np.ndarray, np.n
     """(place of each photo, place centres): a photo joins the nearest place whose first photo lies within
     ``radius_km``, else starts one. Leader clustering in the given order: deterministic, no chaining (a
     street of photos does not become one place)."""
-    leaders: list[np.ndarray] = []
+    # candidates from a grid of radius-sized cells (equirectangular km), so a library of a million photos
+    # compares each photo with the few leaders around it, not with every place
+    cell = np.floor(np.stack([coords[:, 0] * 111.2, coords[:, 1] * 111.2 * np.cos(np.radians(coords[:, 0]))],
+                             axis=1) / radius_km).astype(np.int64)
+    grid: dict[tuple[int, int], list[int]] = {}
+    leaders: list[int] = []
     labels = np.empty(len(coords), np.int64)
-    for i, c in enumerate(coords):
-        if leaders:
-            d = haversine_km(np.stack(leaders), c)
-            j = int(d.argmin())
-            if d[j] <= radius_km:
-                labels[i] = j
+    for i, (cy, cx) in enumerate(cell):
+        near = [j for dy in (-1, 0, 1) for dx in (-1, 0, 1) for j in grid.get((cy + dy, cx + dx), ())]
+        if near:
+            d = haversine_km(coords[[leaders[j] for j in near]], coords[i])
+            k = int(d.argmin())
+            if d[k] <= radius_km:
+                labels[i] = near[k]
                 continue
         labels[i] = len(leaders)
-        leaders.append(c)
-    centres = np.array([coords[labels == j].mean(axis=0) for j in range(len(leaders))]).reshape(-1, 2)
-    return labels, centres
+        grid.setdefault((int(cy), int(cx)), []).append(len(leaders))
+        leaders.append(i)
+    return labels, centres_of(coords, labels)
 
 
-def place_name(lat: float, lon: float) -> tuple[str, str | None]:
-    """(nearest town, country) from the offline GeoNames table of ``reverse_geocode``."""
+def centres_of(coords: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The mean position of each place's photos (places are small: the plain mean of degrees is fine)."""
+    n = int(labels.max()) + 1 if len(labels) else 0
+    counts = np.bincount(labels, minlength=n)[:, None]
+    sums = np.stack([np.bincount(labels, coords[:, k], minlength=n) for k in (0, 1)], axis=1)
+    return sums / np.maximum(counts, 1)
+
+
+def place_names(coords: np.ndarray) -> list[tuple[str, str | None]]:
+    """(nearest town, country) of each (lat, lon) from the offline GeoNames table of ``reverse_geocode``."""
+    if not len(coords):
+        return []
     import reverse_geocode
 
-    found = reverse_geocode.get((lat, lon))
-    return found.get("city") or f"{lat:.4f}, {lon:.4f}", found.get("country")
+    found = reverse_geocode.search([tuple(map(float, c)) for c in coords])
+    return [(f.get("city") or f"{c[0]:.4f}, {c[1]:.4f}", f.get("country")) for f, c in zip(found, coords, strict=True)]
 
 
 def heldout_queries(vectors: np.ndarray, labels: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -264,7 +280,7 @@ def build_search(vectors: np.ndarray, exact_limit: int = EXACT_LIMIT, threads: i
         index = faiss.IndexFlatIP(d)
         index.add(vectors)
         return index, Search("exact")
-    nlist = int(min(max(16, 4 * math.sqrt(n)), n // 39))
+    nlist = int(min(max(16, math.sqrt(n)), n // 39))  # sqrt(n) lists: training stays minutes at 1M
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
     sample = vectors[np.random.default_rng(0).choice(n, min(n, 40 * nlist), replace=False)]
     index.train(sample)
@@ -272,24 +288,28 @@ def build_search(vectors: np.ndarray, exact_limit: int = EXACT_LIMIT, threads: i
     return index, Search("ivf", nlist)
 
 
-def tune_nprobe(index, vectors: np.ndarray, queries: np.ndarray, min_recall: float = MIN_RECALL) -> Search:
-    """The smallest power-of-two nprobe whose top-1 agrees with exact search on ``queries`` at ``min_recall``."""
-    q = vectors[queries]
-    exact = np.argmax(q @ vectors.T, axis=1) if len(vectors) * len(q) <= 2**28 else _exact_top1(vectors, q)
+def tune_nprobe(index, vectors: np.ndarray, queries: np.ndarray, exclude: np.ndarray | None = None,
+                min_recall: float = MIN_RECALL) -> Search:
+    """The smallest power-of-two nprobe whose top-1 agrees with exact search over ``vectors`` on ``queries`` at
+    ``min_recall``; ``exclude``: each query's own reference id (a reference left out of its own search)."""
+    k = 1 if exclude is None else 2
+    flat = _faiss().IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    exact = _top1(*flat.search(queries, k), exclude)
     nprobe, recall = 1, 0.0
     while True:
         index.nprobe = nprobe
-        _, found = index.search(q, 1)
-        recall = float((found[:, 0] == exact).mean())
+        recall = float((_top1(*index.search(queries, k), exclude) == exact).mean())
         if recall >= min_recall or nprobe >= index.nlist:
             return Search("ivf", index.nlist, nprobe, recall)
         nprobe *= 2
 
 
-def _exact_top1(vectors: np.ndarray, q: np.ndarray) -> np.ndarray:
-    flat = _faiss().IndexFlatIP(vectors.shape[1])
-    flat.add(vectors)
-    return flat.search(q, 1)[1][:, 0]
+def _top1(sims: np.ndarray, ids: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
+    """The best id of each row, skipping the row's own id where ``exclude`` gives it."""
+    if exclude is None:
+        return ids[:, 0]
+    return np.where(ids[:, 0] == exclude, ids[:, 1], ids[:, 0])
 
 
 class PlaceIndex:
@@ -393,16 +413,21 @@ def build(model: ModelId, source: str, built_at: str, references: Sequence[Refer
     labels, centres = _places(coords, groups, place_radius_km)
     names = names or {}
     places = []
+    counts = np.bincount(labels, minlength=len(centres))
+    firsts = np.full(len(centres), len(labels))
+    np.minimum.at(firsts, labels, np.arange(len(labels)))
+    unnamed = [j for j in range(len(centres)) if int(firsts[j]) not in names]
+    geocoded = dict(zip(unnamed, place_names(centres[unnamed]), strict=True))
     for j, (lat, lon) in enumerate(centres):
-        first = int(np.flatnonzero(labels == j)[0])
-        name, country = names.get(first) or place_name(float(lat), float(lon))
-        places.append(Place(name, round(float(lat), 6), round(float(lon), 6), country, int((labels == j).sum())))
+        name, country = names.get(int(firsts[j])) or geocoded[j]
+        places.append(Place(name, round(float(lat), 6), round(float(lon), 6), country, int(counts[j])))
     refs = tuple(replace(r, place=int(p)) for r, p in zip(references, labels, strict=True))
     scores, correct = heldout_scores(vectors, coords, labels, correct_km)
     op = operating_point(scores, correct, min_precision, correct_km)
     search, info = build_search(vectors, exact_limit, threads)
     if info.kind == "ivf":
-        info = tune_nprobe(search, vectors, heldout_queries(vectors, labels))
+        queries = heldout_queries(vectors, labels)
+        info = tune_nprobe(search, vectors, vectors[queries], queries)
     meta = IndexMeta(model, source, built_at, int(vectors.shape[1]), place_radius_km, info, op, tuple(places), refs)
     return PlaceIndex(meta, vectors, scores, correct, search, threads)
 
@@ -420,8 +445,7 @@ def _places(coords: np.ndarray, groups: Sequence[str | None] | None, radius_km: 
     if gps:
         sub, _ = group_places(coords[gps], radius_km)
         labels[gps] = sub + len(keys)
-    n = int(labels.max()) + 1
-    return labels, np.array([coords[labels == j].mean(axis=0) for j in range(n)])
+    return labels, centres_of(coords, labels)
 
 
 def partial(model: ModelId, source: str, built_at: str, references: Sequence[Reference],
