@@ -40,7 +40,7 @@ from landmark.preprocess import ImageError
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".heic", ".heif"}
 REPORT_JSON, REPORT_CSV = "tag_report.json", "tag_report.csv"
 CSV_FIELDS = ["path", "action", "reason", "landmark", "name", "probability", "confidence", "lat", "lon", "place",
-              "country", "output", "error", "source", "similarity"]
+              "country", "output", "error", "location_source", "similarity"]
 SAVE_EVERY = 25  # photos between state saves: an interrupted run loses at most this much work
 
 Predict = Callable[[bytes], dict]  # photo bytes -> the model's answer (landmark.predict.answer)
@@ -141,7 +141,7 @@ def describe(answer: dict) -> dict:
     place = answer.get("place") or {}
     return {"landmark": top["label"], "name": top["name"], "probability": top["probability"],
             "confidence": answer["confidence"], "lat": location.get("lat"), "lon": location.get("lon"),
-            "place": location.get("place"), "country": location.get("country"), "source": answer.get("source"),
+            "place": location.get("place"), "country": location.get("country"), "location_source": answer.get("source"),
             "similarity": place.get("similarity"),
             "top_k": [[p["label"], p["probability"]] for p in answer["top_k"]]}
 
@@ -365,7 +365,7 @@ class Progress:
 
     def stopped(self, e: Abort) -> Abort:
         """``e`` with the report of what was done (written where DST still takes it)."""
-        e.summary = self.save() if self.records else None
+        e.summary = self.save()
         return e
 
 
