@@ -383,3 +383,17 @@ def test_full_or_read_only_destination_stops_with_one_line_and_resumes(case: str
         rows = json.loads((dst / "tag_report.json").read_text())["photos"]
         assert all((dst / r["output"]).is_file() for r in rows if r["action"] == "tagged")
         assert not list(dst.rglob(".*.tmp*"))
+
+
+def test_handler_finds_the_index_shipped_or_mounted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from handlers.landmark_handler import index_path
+
+    monkeypatch.delenv("LANDMARK_INDEX", raising=False)
+    assert index_path(tmp_path, {}) is None
+    (tmp_path / "places.npz").write_bytes(b"")
+    assert index_path(tmp_path, {}) == tmp_path / "places.npz"  # shipped in the archive
+    assert index_path(tmp_path, {"index": "/mnt/places.npz"}) == Path("/mnt/places.npz")  # model-config.yaml
+    monkeypatch.setenv("LANDMARK_INDEX", "/srv/lib.npz")
+    assert index_path(tmp_path, {"index": "/mnt/places.npz"}) == Path("/srv/lib.npz")  # env beats the config
+    monkeypatch.setenv("LANDMARK_INDEX", "")
+    assert index_path(tmp_path, {}) is None  # empty: none, even where the archive ships one
