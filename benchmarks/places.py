@@ -69,15 +69,19 @@ def answers(predictor: Predictor, folder: Path, batch: int = 8) -> list[tuple[Pa
 
 def porto_figures(found: list[tuple[Path, dict]], table: dict, correct_km: float) -> dict:
     located = [(p, a) for p, a in found if a["location"] is not None]
-    right = 0
+    right = {SOURCE_MODEL: 0, SOURCE_PLACES: 0}
     for p, a in located:
         truth = table[p.parent.name]
-        right += bool(haversine_km(np.array([a["location"]["lat"], a["location"]["lon"]]),
-                                   np.array([truth["lat"], truth["lon"]])) <= correct_km)
+        right[a["source"]] += bool(haversine_km(np.array([a["location"]["lat"], a["location"]["lon"]]),
+                                                np.array([truth["lat"], truth["lon"]])) <= correct_km)
     by_places = sum(a["source"] == SOURCE_PLACES for _, a in located)
+    total = sum(right.values())
     return {"photos": len(found), "located": len(located), "located_rate": len(located) / len(found),
-            "right_within_km": right, "precision": right / len(located) if located else None,
-            "located_right_rate": right / len(found), "by_your_photos": by_places}
+            "right_within_km": total, "precision": total / len(located) if located else None,
+            "located_right_rate": total / len(found), "by_your_photos": by_places,
+            "by_your_photos_right": right[SOURCE_PLACES],
+            "by_your_photos_precision": right[SOURCE_PLACES] / by_places if by_places else None,
+            "by_model": len(located) - by_places, "by_model_right": right[SOURCE_MODEL]}
 
 
 def negative_figures(found: list[tuple[Path, dict]]) -> dict:
@@ -104,11 +108,13 @@ def markdown(result: dict) -> str:
              f"Index: {result['index']['photos']} photos in {result['index']['places']} places, built in "
              f"{result['index']['seconds']:.0f} s; operating point at {op['min_precision']:.0%} precision on "
              f"held-out references: similarity >= {op['threshold']}, {op['located']} of {op['queries']} located.", "",
-             "| query set | photos | located | within 1 km (precision) | by your photos |", "|---|---|---|---|---|",
+             "| query set | photos | located (any source) | within 1 km (precision) | by the model (right) | "
+             "by your photos (right) |", "|---|---|---|---|---|---|",
              f"| porto5/test | {p['photos']} | {p['located']} ({p['located_rate']:.1%}) | {p['right_within_km']} "
-             f"({(p['precision'] or 0):.1%}) | {p['by_your_photos']} |"]
+             f"({(p['precision'] or 0):.1%}) | {p['by_model']} ({p['by_model_right']}) | {p['by_your_photos']} "
+             f"({p['by_your_photos_right']}) |"]
     for name, n in result["negatives"].items():
-        lines.append(f"| {name} | {n['photos']} | {n['located']} ({n['located_rate']:.1%}) | - | "
+        lines.append(f"| {name} | {n['photos']} | {n['located']} ({n['located_rate']:.1%}) | - | {n['by_model']} | "
                      f"{n['by_your_photos']} |")
     own = result.get("own_test")
     if own:
