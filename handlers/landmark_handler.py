@@ -32,7 +32,6 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 
 from landmark.cli import positive_int, precision
 from landmark.places import INDEX_FILE
-from landmark.predict import Predictor, rows
+from landmark.predict import Predictor, Prepared, rows  # Prepared lives there: one class per handler module
 from landmark.preprocess import DEFAULT_MAX_PIXELS, ImageError
 
 logger = logging.getLogger(__name__)
@@ -79,17 +78,6 @@ def index_path(model_dir: Path, handler_cfg: dict) -> Path | None:
         return Path(str(value)) if str(value).strip() else None
     shipped = model_dir / INDEX_FILE
     return shipped if shipped.is_file() else None
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """One good request item, ready for the network: where it goes back, its crop and its settings."""
-
-    idx: int
-    crop: np.ndarray
-    k: int
-    min_precision: float | None
-    v2: dict | None  # the v2 request body, answered inside a v2 response; None for a plain request
 
 
 def _b64(text: str | bytes) -> bytes:

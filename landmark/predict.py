@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,18 @@ class Predictor:
         batch = np.stack([self.preprocess(img) for img in images])
         outputs = self.outputs(batch)
         return [self.answer(row, k, min_precision) for row in rows(outputs)]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One request's photo, ready for the network, with the settings it is answered with (the TorchServe
+    handler's batch item; defined here because TorchServe allows one class per handler module)."""
+
+    idx: int  # its place in the batch
+    crop: np.ndarray
+    k: int
+    min_precision: float | None
+    v2: dict | None  # the v2 request body, answered inside a v2 response; None for a plain request
 
 
 def rows(outputs: Outputs) -> list[Outputs]:
