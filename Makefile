@@ -35,6 +35,13 @@ APP_PORT ?= 8000
 SRC ?=
 DST ?=
 TAG_ARGS ?=
+# a place index of your own geotagged photos (make index): shipped in the archive where INDEX is given
+INDEX ?=
+INDEX_ARGS ?=
+BENCH_INDEX_ARGS ?=
+# exiftool (Debian's libimage-exiftool-perl, unpacked without installing) for the sidecar tests
+TOOLS ?= .tools
+EXIFTOOL_DIR := $(TOOLS)/exiftool
 WORKERS ?= 2
 RAY_ARGS ?=
 RUNS ?=
@@ -58,7 +65,7 @@ IMAGE ?= landmark:$(MODEL_VERSION)
 MAR ?= $(MODEL_STORE)/$(MODEL_NAME).mar
 
 .PHONY: help install data train train-scratch train-transfer ensemble export quantize eval-open-set archive serve ready bench-decode \
-	predict stop serve-venv bench gpu-pack gpu-check soak sweep faults app tag tag-distributed image browser-deps test lint demo clean
+	predict stop serve-venv bench bench-index index exiftool gpu-pack gpu-check soak sweep faults app tag tag-distributed image browser-deps test lint demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -96,7 +103,7 @@ eval-open-set: $(STAMP)  ## known (also shrunk) vs each unknown set at the store
 
 archive: $(STAMP)  ## build model_store/landmark.mar from a run folder (MODEL_DIR, BACKEND=onnx|onnx-int8|torchscript, ...)
 	$(PY) -m handlers.archive --model-dir "$(MODEL_DIR)" --backend $(BACKEND) --name $(MODEL_NAME) \
-		--version $(MODEL_VERSION) --store "$(MODEL_STORE)" --force $(ARCHIVE_ARGS)
+		--version $(MODEL_VERSION) --store "$(MODEL_STORE)" --force $(if $(INDEX),--index "$(INDEX)") $(ARCHIVE_ARGS)
 
 serve: $(STAMP)  ## start TorchServe with the archive and wait until its worker is READY (SERVE_VENV=.venv-serve: lean)
 	$(SERVE_VENV)/bin/python -m handlers.server start --store "$(MODEL_STORE)" --name $(MODEL_NAME)
@@ -142,7 +149,17 @@ faults: $(STAMP)  ## SIGKILL workers under load, SIGKILL the server and restart,
 app: $(STAMP)  ## the tagging web page on http://127.0.0.1:8000/ (APP_PORT), proxying to the `make serve` TorchServe
 	$(PY) -m app.web --port $(APP_PORT)
 
-tag: $(STAMP)  ## GPS EXIF into copies of the photos in SRC, written to DST (TAG_ARGS="--local artifacts/transfer")
+index: $(STAMP)  ## place index of your geotagged photos in SRC, written to OUT (MODEL_DIR; INDEX_ARGS="--locations f.json")
+	$(PY) -m app.index --src "$(SRC)" --out "$(OUT)" --model-dir "$(MODEL_DIR)" $(INDEX_ARGS)
+
+bench-index: $(STAMP)  ## place index cost at 1k / 100k / 1M references: build, query, memory, recall (BENCH_INDEX_ARGS)
+	$(PY) -m benchmarks.index $(BENCH_INDEX_ARGS)
+
+exiftool:  ## exiftool into $(TOOLS)/exiftool (apt-get download + dpkg -x, no root): the sidecar tests read back with it
+	@[ -x "$(EXIFTOOL_DIR)/usr/bin/exiftool" ] || { mkdir -p "$(EXIFTOOL_DIR)" && cd "$(EXIFTOOL_DIR)" && \
+		apt-get download libimage-exiftool-perl && dpkg -x libimage-exiftool-perl_*.deb . && rm -f ./*.deb; }
+
+tag: $(STAMP)  ## location EXIF into copies (or --sidecar XMP) of the photos in SRC, to DST (TAG_ARGS="--local M --index I")
 	$(PY) -m app.tag --src "$(SRC)" --dst "$(DST)" $(TAG_ARGS)
 
 image:  ## container image serving MAR as a non-root user, for deploy/k8s (ENGINE, IMAGE; docs/deploy.md)
@@ -160,6 +177,7 @@ browser-deps:  ## Debian's chromium for the browser tests (apt-get as root) when
 	fi
 
 test: $(STAMP) browser-deps  ## the full test suite (what .ci/run runs)
+	-$(MAKE) exiftool  # without it (no apt sources) the sidecar read-back tests skip and say why
 	$(PY) -m pytest
 
 lint: $(STAMP)  ## ruff

@@ -50,8 +50,9 @@ def read_gps(exif: Image.Exif) -> tuple[float, float] | None:
             from_dms(gps[ExifTags.GPS.GPSLongitude], gps.get(ExifTags.GPS.GPSLongitudeRef, "E")))
 
 
-def gps_exif(exif: Image.Exif, lat: float, lon: float, description: str) -> bytes:
-    """``exif`` (updated in place) plus GPS position and description, as an ``Exif\\0\\0``-prefixed block."""
+def gps_exif(exif: Image.Exif, lat: float, lon: float, description: str, method: str | None = None) -> bytes:
+    """``exif`` (updated in place) plus GPS position and description, as an ``Exif\\0\\0``-prefixed block;
+    ``method``: GPSProcessingMethod, which marks the position as estimated (and by what)."""
     gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
     gps.clear()
     gps.update({
@@ -62,6 +63,8 @@ def gps_exif(exif: Image.Exif, lat: float, lon: float, description: str) -> byte
         ExifTags.GPS.GPSLongitude: to_dms(lon),
         ExifTags.GPS.GPSMapDatum: "WGS-84",
     })
+    if method is not None:  # UNDEFINED with EXIF's 8-byte character-code prefix
+        gps[ExifTags.GPS.GPSProcessingMethod] = b"ASCII\x00\x00\x00" + method.encode("ascii", "replace")
     exif[ExifTags.IFD.GPSInfo] = gps
     exif[IMAGE_DESCRIPTION] = description
     return exif.tobytes()
@@ -89,13 +92,13 @@ def _png_with_exif(data: bytes, tiff: bytes) -> bytes:
     return b"".join(out)
 
 
-def with_gps(data: bytes, lat: float, lon: float, description: str) -> bytes:
+def with_gps(data: bytes, lat: float, lon: float, description: str, method: str | None = None) -> bytes:
     """A copy of a JPEG/PNG/WebP file's bytes carrying GPS EXIF; pixels are not re-encoded."""
     with Image.open(io.BytesIO(data)) as img:
         fmt, existing = img.format, img.getexif()
     if fmt not in SUPPORTED_FORMATS:
         raise ValueError(f"cannot write EXIF into {fmt} files (supported: {', '.join(SUPPORTED_FORMATS)})")
-    block = gps_exif(existing, lat, lon, description)
+    block = gps_exif(existing, lat, lon, description, method)
     if fmt == "PNG":
         return _png_with_exif(data, block[6:])
     out = io.BytesIO()

@@ -1,14 +1,17 @@
-"""Batch tagger: GPS EXIF of the recognised landmark, written into copies of photos.
+"""Batch tagger: the estimated location of a photo, written into a copy of it or into an XMP sidecar.
 
-For every JPEG/PNG/WebP under SRC (recursively) it asks the served model (or a local exported
-model with --local) for its answer. A photo without GPS that the model's open-set decision tags (a
-known landmark at the operating point: the model's stored target precision, or --min-precision) is
-copied to DST (same relative path) with GPSLatitude/Longitude and the landmark name in
-ImageDescription; originals are never written. DST/tag_report.{json,csv} list every photo with the
-reason for each one left untagged, and double as the resume state: a rerun skips photos whose size
-and mtime are unchanged.
+For every JPEG/PNG/WebP/HEIC under SRC (recursively) it asks the served model (or a local exported
+model with --local, and a place index of the user's own geotagged photos with --index) for its answer.
+A photo without GPS that the answer locates (a known landmark at the model's operating point, else the
+place of the most similar of the user's photos at the index's; ``landmark.predict.located``) is copied to
+DST (same relative path) with GPSLatitude/Longitude, the place in ImageDescription and GPSProcessingMethod
+saying it is this tool's estimate and how confident; with --sidecar, ``DST/<photo>.<ext>.xmp`` is written
+instead (``app.xmp``; the only way for HEIC). Originals are never written; copies keep the original's
+permission bits and times. DST/tag_report.{json,csv} list every photo with the reason for each one left
+untagged, and double as the resume state: a rerun skips photos whose size and mtime are unchanged. A full
+or read-only DST stops the run with one line and the report of what was done; a rerun resumes.
 
-Usage: python -m app.tag --src photos --dst tagged [--local artifacts/transfer] [--min-precision 0.99]
+Usage: python -m app.tag --src photos --dst tagged [--local artifacts/wh13 [--index places.npz]] [--sidecar]
 """
 
 from __future__ import annotations
@@ -27,31 +30,43 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from app import xmp
 from app.client import ServeError, ServeTarget, add_target_args, parse_answer, target_from_args, unreachable
 from app.exif import SUPPORTED_FORMATS, has_gps, with_gps
 from landmark import atomic
 from landmark.cli import non_negative_int, positive_float, precision
 from landmark.preprocess import ImageError
 
-PHOTO_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp"}
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".heic", ".heif"}
 REPORT_JSON, REPORT_CSV = "tag_report.json", "tag_report.csv"
 CSV_FIELDS = ["path", "action", "reason", "landmark", "name", "probability", "confidence", "lat", "lon", "place",
-              "country", "output", "error"]
+              "country", "output", "error", "location_source", "similarity"]
 SAVE_EVERY = 25  # photos between state saves: an interrupted run loses at most this much work
 
 Predict = Callable[[bytes], dict]  # photo bytes -> the model's answer (landmark.predict.answer)
 
 
 class Abort(Exception):
-    """The run cannot go on (server gone, bad arguments): a message and a non-zero exit."""
+    """The run cannot go on (server gone, bad arguments, full destination): a message and a non-zero exit;
+    ``summary``: what was done before it stopped, where anything was."""
+
+    def __init__(self, message: str, summary: dict | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
-def find_photos(src: Path, dst: Path) -> list[str]:
-    """Relative POSIX paths of the photos under ``src``, sorted; ``dst`` is skipped if it lies inside."""
-    dst = dst.resolve()
+class DestinationError(OSError):
+    """DST cannot take a file (full, read-only, gone): the run stops, the photo is not recorded as done."""
+
+
+def find_photos(src: Path, skip: Path | None) -> list[str]:
+    """Relative POSIX paths of the photos under ``src``, sorted; ``skip`` (the output folder) is left out if
+    it lies inside."""
+    skip = skip.resolve() if skip is not None else None
     found = []
     for path in src.rglob("*"):
-        if path.suffix.lower() in PHOTO_SUFFIXES and path.is_file() and not path.resolve().is_relative_to(dst):
+        if (path.suffix.lower() in PHOTO_SUFFIXES and path.is_file()
+                and (skip is None or not path.resolve().is_relative_to(skip))):
             found.append(path.relative_to(src).as_posix())
     return sorted(found)
 
@@ -61,11 +76,15 @@ def signature(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def local_predictor(model_dir: Path, backend: str, device: str, threads: int,
-                    min_precision: float | None) -> tuple[Predict, set[str]]:
+def local_predictor(model_dir: Path, backend: str, device: str, threads: int, min_precision: float | None,
+                    index: Path | None = None) -> tuple[Predict, set[str]]:
+    from landmark.places import PlaceIndexError
     from landmark.predict import Predictor
 
-    predictor = Predictor.from_dir(model_dir, backend, device=device, threads=threads)
+    try:
+        predictor = Predictor.from_dir(model_dir, backend, device=device, threads=threads, index=index)
+    except (PlaceIndexError, FileNotFoundError) as e:
+        raise Abort(str(e)) from None
     labels = {c.label for c in predictor.classes}
     return (lambda data: predictor.predict([data], min_precision=min_precision)[0]), labels
 
@@ -91,32 +110,39 @@ def served_predictor(target: ServeTarget, timeout: float, min_precision: float |
 
 @dataclass(frozen=True)
 class TagPolicy:
-    """Which photos get the model's location. The model decides "known landmark" at its operating
-    point (landmark.open_set); the policy adds what only the file can tell."""
+    """Which photos get the answer's location, and how it is written. The answer decides where a photo is
+    (``landmark.predict.located``: the model's operating point, then the place index's); the policy adds
+    what only the file can tell."""
 
     overwrite_gps: bool = False
+    sidecar: bool = False  # an XMP sidecar instead of a copy
 
     def action(self, answer: dict, has_gps: bool, fmt: str | None) -> tuple[str, str]:
         """(action, reason): ``tagged`` with an empty reason, or why not."""
-        landmark = answer["landmark"]
         if has_gps and not self.overwrite_gps:
             return "untagged", "already has GPS"
-        if landmark is None:
-            return "untagged", answer["reason"]
-        if not landmark.get("location"):
-            return "untagged", "no location known for this landmark"
-        if fmt not in SUPPORTED_FORMATS:
-            return "untagged", f"cannot write EXIF into {fmt}"
+        if answer.get("location") is None:
+            if answer["landmark"] is not None:
+                return "untagged", "no location known for this landmark"
+            return "untagged", answer["reason"] + (" and unlike your photos" if answer.get("place") else "")
+        if not self.sidecar and fmt not in SUPPORTED_FORMATS:
+            return "untagged", f"cannot write EXIF into {fmt}: use --sidecar"
         return "tagged", ""
+
+    def output(self, rel: str) -> str:
+        return xmp.sidecar_name(rel) if self.sidecar else rel
 
 
 def describe(answer: dict) -> dict:
-    """The report columns of a model answer: its top-1 known class (tagged or not) and confidence."""
+    """The report columns of an answer: its top-1 known class (tagged or not), the model's confidence, and
+    the location it gives (else the top-1 class's), with its source and the index's similarity."""
     top = answer["top_k"][0]
-    location = top.get("location") or {}
+    location = answer.get("location") or top.get("location") or {}
+    place = answer.get("place") or {}
     return {"landmark": top["label"], "name": top["name"], "probability": top["probability"],
             "confidence": answer["confidence"], "lat": location.get("lat"), "lon": location.get("lon"),
-            "place": location.get("place"), "country": location.get("country"),
+            "place": location.get("place"), "country": location.get("country"), "location_source": answer.get("source"),
+            "similarity": place.get("similarity"),
             "top_k": [[p["label"], p["probability"]] for p in answer["top_k"]]}
 
 
@@ -159,17 +185,31 @@ def read_photo(source: Path) -> Photo:
     return Photo(data, fmt, has_gps(exif))
 
 
-def apply_answer(record: dict, photo: Photo, answer: dict, dst: Path, policy: TagPolicy) -> dict:
-    """Decision -> action -> write: fills ``record`` from the model's answer and writes the tagged
-    copy (atomically, pixels untouched). Shared by the sequential and the Ray tagger, so both write
-    the same files and rows. Raises one of PHOTO_ERRORS where the copy cannot be made."""
+def place_name(answer: dict) -> str:
+    """What a tagged file names as its place: the landmark's name, or the matched place of your photos."""
+    return answer["landmark"]["name"] if answer["landmark"] is not None else answer["location"]["place"]
+
+
+def apply_answer(record: dict, photo: Photo, answer: dict, src: Path, dst: Path, policy: TagPolicy) -> dict:
+    """Decision -> action -> write: fills ``record`` from the answer and writes the tagged copy (atomically,
+    pixels untouched, the original's permission bits and times) or the sidecar. Shared by the sequential and
+    the Ray tagger, so both write the same files and rows. Raises one of PHOTO_ERRORS where the copy cannot
+    be made, DestinationError where DST cannot take it."""
     record.update(describe(answer))
     record["action"], record["reason"] = policy.action(answer, photo.has_gps, photo.fmt)
     if record["action"] == "tagged":
-        location = answer["landmark"]["location"]
-        atomic.write_bytes(dst / record["path"],
-                           with_gps(photo.data, location["lat"], location["lon"], answer["landmark"]["name"]))
-        record["output"] = record["path"]
+        where, name = answer["location"], place_name(answer)
+        how = xmp.method(answer["source"], where["confidence"])
+        if policy.sidecar:
+            data = xmp.sidecar(where["lat"], where["lon"], name, answer["source"], where["confidence"]).encode()
+        else:
+            data = with_gps(photo.data, where["lat"], where["lon"], name, how)
+        out = policy.output(record["path"])
+        try:
+            atomic.write_bytes(dst / out, data, like=None if policy.sidecar else src / record["path"])
+        except OSError as e:
+            raise DestinationError(e.errno, f"cannot write {dst / out}: {e.strerror or e}") from e
+        record["output"] = out
     return record
 
 
@@ -180,7 +220,9 @@ def tag_one(rel: str, src: Path, dst: Path, predict: Predict, policy: TagPolicy)
         return record
     try:
         photo = read_photo(src / rel)
-        apply_answer(record, photo, predict(photo.data), dst, policy)
+        apply_answer(record, photo, predict(photo.data), src, dst, policy)
+    except DestinationError as e:
+        raise Abort(f"{e.strerror}: DST is full or read-only; rerun to resume") from e
     except ServeError as e:
         if e.status == 503:
             raise Abort(e.message) from e
@@ -243,7 +285,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="operating point: tag where the model's validation tags reached this precision "
                         "(default: the model's stored one, e.g. 0.99)")
     p.add_argument("--overwrite-gps", action="store_true", help="also tag photos that already have GPS EXIF")
+    p.add_argument("--sidecar", action="store_true",
+                   help="write DST/<photo>.<ext>.xmp sidecars (Immich, digiKam, darktable) instead of tagged copies")
     p.add_argument("--local", type=Path, metavar="MODEL_DIR", help="use this exported model folder, not TorchServe")
+    p.add_argument("--index", type=Path, help="with --local: place index of your geotagged photos (make index), "
+                                             "built with the same model; served: the server's own")
     p.add_argument("--backend", choices=["onnx", "torchscript"], default="onnx", help="with --local")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="with --local")
     p.add_argument("--threads", type=non_negative_int, default=0,
@@ -260,11 +306,24 @@ def check_folders(src: Path, dst: Path) -> None:
         raise Abort("--dst must differ from --src: originals are never modified")
 
 
-def local_settings(model_dir: Path, backend: str, min_precision: float | None, overwrite_gps: bool) -> dict:
+def index_id(index: Path | None) -> str | None:
+    """The place index a report was made with: its path and build time (a rebuilt index answers anew)."""
+    if index is None:
+        return None
+    from landmark.places import PlaceIndex, PlaceIndexError
+
+    try:
+        return f"{index.resolve()}@{PlaceIndex.load(index).meta.built_at}"
+    except (PlaceIndexError, FileNotFoundError) as e:
+        raise Abort(str(e)) from None
+
+
+def local_settings(model_dir: Path, backend: str, min_precision: float | None, overwrite_gps: bool,
+                   index: Path | None = None, sidecar: bool = False) -> dict:
     """The settings a report is resumed under. The Ray tagger uses the same ones, so either tagger
     resumes the other's report."""
     return {"model": f"local:{model_dir.resolve()}:{backend}", "min_precision": min_precision,
-            "overwrite_gps": overwrite_gps}
+            "overwrite_gps": overwrite_gps, "index": index_id(index), "sidecar": sidecar}
 
 
 class Progress:
@@ -293,7 +352,21 @@ class Progress:
             self.save()
 
     def save(self) -> dict:
-        return save_report(self.dst, self.settings, self.records, self.all_labels(), self.src.resolve().name)
+        """Write the report; where DST cannot take it, say so on stderr and return the summary all the same
+        (a rerun resumes from the last report written)."""
+        try:
+            summary = save_report(self.dst, self.settings, self.records, self.all_labels(), self.src.resolve().name)
+        except OSError as e:
+            print(f"error: the report could not be written to {self.dst} ({e.strerror or e}): "
+                  "a rerun redoes the photos since the last one", file=sys.stderr)
+            return {**summarise(list(self.records.values()), self.all_labels(), self.src.resolve().name),
+                    "report": None}
+        return {**summary, "report": str(self.dst / REPORT_CSV)}
+
+    def stopped(self, e: Abort) -> Abort:
+        """``e`` with the report of what was done (written where DST still takes it)."""
+        e.summary = self.save()
+        return e
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -301,39 +374,53 @@ def run(args: argparse.Namespace) -> dict:
     check_folders(src, dst)
     photos = find_photos(src, dst)
     if args.local:
-        predict, labels = local_predictor(args.local, args.backend, args.device, args.threads, args.min_precision)
-        settings = local_settings(args.local, args.backend, args.min_precision, args.overwrite_gps)
+        predict, labels = local_predictor(args.local, args.backend, args.device, args.threads, args.min_precision,
+                                          args.index)
+        settings = local_settings(args.local, args.backend, args.min_precision, args.overwrite_gps, args.index,
+                                  args.sidecar)
     else:
+        if args.index is not None:
+            raise Abort("--index goes with --local: a server answers with the index it was given "
+                        "(handlers.archive --index, or LANDMARK_INDEX)")
         target = target_from_args(args)
         predict, labels = served_predictor(target, args.timeout, args.min_precision), set()
         settings = {"model": target.predict_url, "min_precision": args.min_precision,
-                    "overwrite_gps": args.overwrite_gps}
-    policy = TagPolicy(args.overwrite_gps)
-    progress = Progress(src, dst, photos, settings, labels)
+                    "overwrite_gps": args.overwrite_gps, "index": None, "sidecar": args.sidecar}
+    policy = TagPolicy(args.overwrite_gps, args.sidecar)
+    try:
+        progress = Progress(src, dst, photos, settings, labels)
+    except OSError as e:
+        raise Abort(f"cannot write to {dst}: {e.strerror or e}") from None
     try:
         for rel in tqdm(progress.todo, desc="tagging", unit="photo", disable=not progress.todo):
             progress.add(tag_one(rel, src, dst, predict, policy))
-    finally:
-        summary = progress.save()
-    return summary
+    except Abort as e:
+        raise progress.stopped(e) from e.__cause__
+    except BaseException:
+        progress.save()  # Ctrl-C: what was done is kept
+        raise
+    return progress.save()
 
 
-def print_summary(summary: dict, dst: Path) -> None:
+def print_summary(summary: dict) -> None:
     accuracy = summary["accuracy"]
     acc = f"; top-1 accuracy {accuracy:.4f} on {summary['graded']} photos in class folders" if accuracy is not None \
         else ""
-    print(f"{summary['photos']} photos: {summary['actions']}, untagged because {summary['untagged']}{acc}. "
-          f"Report: {dst / REPORT_CSV}")
+    report = f"Report: {summary['report']}" if summary.get("report") else "No report written"
+    print(f"{summary['photos']} photos: {summary['actions']}, untagged because {summary['untagged']}{acc}. {report}")
 
 
 def report_run(tagger: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> int:
-    """Run a tagger (this one's ``run`` or app.tag_ray's): its summary, or its refusal and exit 2."""
+    """Run a tagger (this one's ``run`` or app.tag_ray's): its summary, or its refusal (one line, then what
+    was done before it stopped) and exit 2."""
     try:
         summary = tagger(args)
     except Abort as e:
         print(f"error: {e}", file=sys.stderr)
+        if e.summary is not None:
+            print_summary(e.summary)
         return 2
-    print_summary(summary, args.dst)
+    print_summary(summary)
     return 0
 
 

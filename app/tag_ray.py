@@ -2,8 +2,9 @@
 
 Pipeline: photo list -> read bytes + header -> decode and preprocess (``landmark.preprocess.load_input``,
 the one preprocessing function) -> ONNX Runtime in an actor pool of ``--workers`` actors, each ending in
-the open-set decision (``Predictor.answer``) -> decision -> action -> tagged copy (``app.tag.apply_answer``,
-shared with the sequential tagger) -> the report, written by the driver with ``app.tag``'s writer.
+the open-set decision and the place index's match (``Predictor.answer``) -> decision -> action -> tagged copy or
+sidecar (``app.tag.apply_answer``, shared with the sequential tagger) -> the report, written by the driver with
+``app.tag``'s writer.
 
 The promises of ``app.tag`` hold because the code is ``app.tag``'s: originals are only read, copies and
 reports are written atomically, the report (same settings, same rows) is the resume state and either
@@ -34,6 +35,7 @@ from tqdm import tqdm
 from app.tag import (
     PHOTO_ERRORS,
     Abort,
+    DestinationError,
     Photo,
     Progress,
     TagPolicy,
@@ -91,10 +93,12 @@ class Infer:
     """One inference actor: the model loaded once, then batches of crops -> the model's answers (network
     outputs + open-set decision, exactly what ``Predictor.predict`` returns for one photo)."""
 
-    def __init__(self, model_dir: str, backend: str, device: str, threads: int, min_precision: float | None) -> None:
+    def __init__(self, model_dir: str, backend: str, device: str, threads: int, min_precision: float | None,
+                 index: str | None = None) -> None:
         from landmark.predict import Predictor
 
-        self.predictor = Predictor.from_dir(Path(model_dir), backend, device=device, threads=threads)
+        self.predictor = Predictor.from_dir(Path(model_dir), backend, device=device, threads=threads,
+                                            index=None if index is None else Path(index))
         self.min_precision = min_precision
 
     def __call__(self, batch: Batch) -> Batch:
@@ -109,15 +113,18 @@ class Infer:
         return {k: v for k, v in batch.items() if k != "crop"} | {"answer": answers}
 
 
-def write_batch(batch: Batch, dst: str, overwrite_gps: bool) -> Batch:
-    """Decision -> action -> tagged copy, by the sequential tagger's own function; -> report records."""
-    policy, out = TagPolicy(overwrite_gps), []
+def write_batch(batch: Batch, src: str, dst: str, overwrite_gps: bool, sidecar: bool) -> Batch:
+    """Decision -> action -> tagged copy or sidecar, by the sequential tagger's own function; -> report records
+    (``stop`` in a record: DST cannot take its file, the driver stops the run)."""
+    policy, out = TagPolicy(overwrite_gps, sidecar), []
     for i, text in enumerate(batch["record"]):
         record = json.loads(text)
         if batch["ok"][i]:
             photo = Photo(batch["data"][i], batch["fmt"][i] or None, bool(batch["has_gps"][i]))
             try:
-                apply_answer(record, photo, json.loads(batch["answer"][i]), Path(dst), policy)
+                apply_answer(record, photo, json.loads(batch["answer"][i]), Path(src), Path(dst), policy)
+            except DestinationError as e:
+                record["stop"] = e.strerror
             except PHOTO_ERRORS as e:
                 record["error"] = error_text(e)
         out.append(json.dumps(record))
@@ -163,11 +170,13 @@ def pipeline(todo: list[str], args: argparse.Namespace, cfg: PreprocessConfig) -
     ds = ds.map_batches(
         Infer, fn_constructor_kwargs={"model_dir": str(args.model_dir.resolve()), "backend": args.backend,
                                       "device": "cuda" if gpu else "cpu", "threads": args.threads,
-                                      "min_precision": args.min_precision},
+                                      "min_precision": args.min_precision,
+                                      "index": None if args.index is None else str(args.index.resolve())},
         compute=ray.data.ActorPoolStrategy(size=args.workers), num_cpus=args.worker_cpus,
         num_gpus=args.gpus_per_worker if gpu else None,
         batch_size=batch, batch_format="numpy")
-    return ds.map_batches(write_batch, fn_kwargs={"dst": str(args.dst.resolve()), "overwrite_gps": args.overwrite_gps},
+    return ds.map_batches(write_batch, fn_kwargs={"src": str(args.src.resolve()), "dst": str(args.dst.resolve()),
+                                                  "overwrite_gps": args.overwrite_gps, "sidecar": args.sidecar},
                           batch_size=batch, batch_format="numpy")
 
 
@@ -181,8 +190,19 @@ def run(args: argparse.Namespace) -> dict:
     except (OSError, ValueError, KeyError) as e:
         raise Abort(f"not an exported model folder: {args.model_dir} ({error_text(e)})") from e
     photos = find_photos(src, dst)
-    settings = local_settings(args.model_dir, args.backend, args.min_precision, args.overwrite_gps)
-    progress = Progress(src, dst, photos, settings, {c.label for c in meta.classes})
+    settings = local_settings(args.model_dir, args.backend, args.min_precision, args.overwrite_gps, args.index,
+                              args.sidecar)
+    if args.index is not None:  # refused here, before Ray starts, if it is another model's
+        from landmark.places import ModelId, PlaceIndex, PlaceIndexError
+
+        try:
+            PlaceIndex.load(args.index, ModelId.of(meta))
+        except PlaceIndexError as e:
+            raise Abort(str(e)) from None
+    try:
+        progress = Progress(src, dst, photos, settings, {c.label for c in meta.classes})
+    except OSError as e:
+        raise Abort(f"cannot write to {dst}: {e.strerror or e}") from None
     if not progress.todo:  # nothing to do: no cluster either
         return progress.save()
     import ray
@@ -193,18 +213,25 @@ def run(args: argparse.Namespace) -> dict:
         ready = time.monotonic()
         with tqdm(total=len(progress.todo), desc="tagging", unit="photo") as bar:
             for row in pipeline(progress.todo, args, meta.preprocess).iter_rows():
-                progress.add(json.loads(row["record"]))
+                record = json.loads(row["record"])
+                if record.get("stop"):
+                    raise Abort(f"{record['stop']}: DST is full or read-only; rerun to resume")
+                progress.add(record)
                 bar.update()
         done = time.monotonic()
         print(f"{len(progress.todo)} photos in {done - ready:.1f} s on {args.workers} workers: "
               f"{len(progress.todo) / (done - ready):.2f} photos/s (Ray start {ready - started:.1f} s)",
               file=sys.stderr)
     except ray.exceptions.RayError as e:
-        raise Abort(f"the Ray pipeline failed: {str(e).strip().splitlines()[-1]}") from e
+        raise progress.stopped(Abort(f"the Ray pipeline failed: {str(e).strip().splitlines()[-1]}")) from e
+    except Abort as e:
+        raise progress.stopped(e) from None
+    except BaseException:
+        progress.save()
+        raise
     finally:
-        summary = progress.save()
         ray.shutdown()
-    return summary
+    return progress.save()
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -216,6 +243,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=sorted(MODEL_FILES), default="onnx")
     p.add_argument("--min-precision", type=precision, help="operating point (default: the model's stored one)")
     p.add_argument("--overwrite-gps", action="store_true", help="also tag photos that already have GPS EXIF")
+    p.add_argument("--sidecar", action="store_true", help="XMP sidecars instead of tagged copies (as app.tag)")
+    p.add_argument("--index", type=Path, help="place index of your geotagged photos, built with this model")
     p.add_argument("--workers", type=positive_int, default=2, help="inference actors (the actor pool's size)")
     p.add_argument("--worker-cpus", type=positive_float, default=1.0, help="logical CPUs each actor reserves")
     p.add_argument("--threads", type=non_negative_int, default=1,

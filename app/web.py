@@ -7,7 +7,6 @@ The browser talks only to this process (loopback); the TorchServe token stays he
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
@@ -16,12 +15,12 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 
 from app.client import ServeError, ServeTarget, add_target_args, parse_answer, target_from_args, unreachable
 from handlers.health import unready
 from landmark.cli import port, positive_float, positive_int
+from landmark.preprocess import photo_format
 
 STATIC = Path(__file__).with_name("static")
 DEFAULT_MAX_UPLOAD = 10 * 1024 * 1024
@@ -45,15 +44,6 @@ async def read_limited(request: Request, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def image_format(data: bytes) -> str | None:
-    """The format named by the file's header (no decoding: TorchServe does the real check)."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.format
-    except (UnidentifiedImageError, OSError, ValueError):
-        return None
 
 
 def create_app(target: ServeTarget, max_upload: int = DEFAULT_MAX_UPLOAD, topk: int | None = None,
@@ -108,8 +98,8 @@ def create_app(target: ServeTarget, max_upload: int = DEFAULT_MAX_UPLOAD, topk: 
             return error(413, f"file too large: the limit is {limit_mb}")
         if not data:
             return error(400, "empty upload: the request body has no bytes")
-        if image_format(data) is None:
-            return error(415, "not an image: the file is not in a photo format (JPEG, PNG, WebP, ...)")
+        if photo_format(data) is None:  # header only: TorchServe does the real check
+            return error(415, "not an image: the file is not in a photo format (JPEG, PNG, WebP, HEIC, ...)")
         headers = {"X-Topk": str(topk)} if topk else {}  # none: the handler's default, min(5, classes)
         try:
             answer = parse_answer(await run_in_threadpool(forward, data, headers))

@@ -1,9 +1,10 @@
 """Build ``<store>/<name>.mar`` from an exported model folder with torch-model-archiver.
 
 The archive holds the handler, one network (model.onnx, model.int8.onnx or model.ts), model_meta.json, the fitted
-open-set decision (open_set.npz), a
-model-config.yaml (batching, handler threads and pixel limit) and the whole ``landmark`` inference
-package, so the one preprocessing definition travels with the model and no file list can go stale.
+open-set decision (open_set.npz), a model-config.yaml (batching, handler threads and pixel limit), a place
+index of the user's geotagged photos where ``--index`` names one (``places.npz``: embeddings, GPS and file
+names of those photos, no pixels), and the whole ``landmark`` inference package, so the one preprocessing
+definition travels with the model and no file list can go stale.
 No photos. The result is byte-reproducible (fixed manifest time, sorted entries, fixed zip
 dates) and is assembled in a temporary folder, then moved into place: never a half-written .mar.
 
@@ -26,6 +27,7 @@ import landmark
 from handlers.settings import BATCH_SIZE, MAX_BATCH_DELAY_MS, MODEL_NAME, MODEL_STORE, RESPONSE_TIMEOUT_S, THREADS
 from landmark import atomic
 from landmark.cli import non_negative_int, positive_int
+from landmark.places import INDEX_FILE, ModelId, PlaceIndex, PlaceIndexError
 from landmark.preprocess import DEFAULT_MAX_PIXELS
 from landmark.run_files import META, MODEL_FILES, OPEN_SET, read_meta
 
@@ -48,14 +50,16 @@ def model_config(batch_size: int, max_batch_delay: int, threads: int, max_pixels
     )
 
 
-def stage(model_dir: Path, backend: str, work: Path, config_text: str) -> Path:
-    """Lay out the extra files: the ``landmark`` package (sources and data, no caches) and
-    model_meta.json at the archive root."""
+def stage(model_dir: Path, backend: str, work: Path, config_text: str, index: Path | None = None) -> Path:
+    """Lay out the extra files: the ``landmark`` package (sources and data, no caches),
+    model_meta.json and the place index at the archive root."""
     extra = work / "extra"
     shutil.copytree(PACKAGE, extra / PACKAGE.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copyfile(model_dir / META, extra / META)
     if read_meta(model_dir).open_set is not None:  # the fitted open-set decision (derived numbers, no photos)
         shutil.copyfile(model_dir / OPEN_SET, extra / OPEN_SET)
+    if index is not None:
+        shutil.copyfile(index, extra / INDEX_FILE)
     (work / "model-config.yaml").write_text(config_text, encoding="utf-8")
     return extra
 
@@ -72,8 +76,9 @@ def zip_dir(src: Path, dst: Path) -> None:
 
 def build(model_dir: Path, backend: str, name: str, version: str, store: Path, force: bool = False,
           batch_size: int = BATCH_SIZE, max_batch_delay: int = MAX_BATCH_DELAY_MS, threads: int = THREADS,
-          max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
-    """Archive ``model_dir``'s exported network; returns the .mar path. Raises FileNotFoundError / FileExistsError."""
+          max_pixels: int = DEFAULT_MAX_PIXELS, index: Path | None = None) -> Path:
+    """Archive ``model_dir``'s exported network (and ``index``, which must be this model's); returns the .mar
+    path. Raises FileNotFoundError / FileExistsError / PlaceIndexError."""
     model_dir, store = Path(model_dir), Path(store)
     model_file = model_dir / MODEL_FILES[backend]
     missing = [p.name for p in (model_file, model_dir / META) if not p.is_file()]
@@ -82,13 +87,15 @@ def build(model_dir: Path, backend: str, name: str, version: str, store: Path, f
     if missing:
         make = "quantize" if missing == [model_file.name] and backend == "onnx-int8" else "export"
         raise FileNotFoundError(f"{model_dir} lacks {', '.join(missing)}: run `make {make} OUT={model_dir}` first")
+    if index is not None:
+        PlaceIndex.load(index, ModelId.of(read_meta(model_dir)))  # another model's index is refused here
     target = store / f"{name}.mar"
     if target.exists() and not force:
         raise FileExistsError(f"{target} exists: pass --force (-f) to overwrite")
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=store, prefix=f".{name}-") as tmp:
         work = Path(tmp)
-        extra = stage(model_dir, backend, work, model_config(batch_size, max_batch_delay, threads, max_pixels))
+        extra = stage(model_dir, backend, work, model_config(batch_size, max_batch_delay, threads, max_pixels), index)
         (work / "tmp").mkdir()
         cmd = [str(Path(sys.executable).with_name("torch-model-archiver")), "--model-name", name,
                "--version", version, "--serialized-file", str(model_file), "--handler", str(HANDLER),
@@ -119,14 +126,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-delay", type=non_negative_int, default=MAX_BATCH_DELAY_MS, help="ms")
     p.add_argument("--threads", type=positive_int, default=THREADS, help="intra-op threads per worker")
     p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--index", type=Path, help="place index built with this model (make index), shipped in the archive")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
     try:
         path = build(args.model_dir, args.backend, args.name, args.version, args.store, args.force,
-                     args.batch_size, args.max_batch_delay, args.threads, args.max_pixels)
-    except (FileNotFoundError, FileExistsError, RuntimeError) as e:
+                     args.batch_size, args.max_batch_delay, args.threads, args.max_pixels, args.index)
+    except (FileNotFoundError, FileExistsError, RuntimeError, PlaceIndexError) as e:
         print(f"archive: {e}", file=sys.stderr)
         return 1
     print(f"wrote {path} ({args.backend}, {path.stat().st_size / 1e6:.1f} MB)")

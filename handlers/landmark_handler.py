@@ -15,6 +15,11 @@ time and batch size per batch (declared in serve_config/metrics.yaml, which the 
 prometheus mode). An Open Inference Protocol v2 request (``POST /v2/models/<name>/infer``, which
 TorchServe 0.12 routes to the handler with the JSON body as it came) carries the photo as a base64
 BYTES input and gets the same answer JSON as the one BYTES output of a v2 response.
+
+A place index of the user's own geotagged photos (``landmark.places``) answers where the model's own decision
+does not tag: ``places.npz`` shipped in the archive (``handlers.archive --index``), or a file mounted at the
+path in env LANDMARK_INDEX or model-config.yaml's ``handler: index:`` (an empty value: none). One built with
+another model stops the load with a message naming both models.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 
 from landmark.cli import positive_int, precision
-from landmark.predict import Predictor, rows
+from landmark.places import INDEX_FILE
+from landmark.predict import Predictor, Prepared, rows  # Prepared lives there: one class per handler module
 from landmark.preprocess import DEFAULT_MAX_PIXELS, ImageError
 
 logger = logging.getLogger(__name__)
@@ -61,6 +67,17 @@ def _setting(name: str, handler_cfg: dict, default: int) -> int:
         return positive_int(str(value).strip())
     except argparse.ArgumentTypeError as e:
         raise ValueError(f"handler setting {name} (env {env} or model-config.yaml): {e}") from None
+
+
+def index_path(model_dir: Path, handler_cfg: dict) -> Path | None:
+    """The place index to answer with: env LANDMARK_INDEX, else model-config.yaml's ``handler: index:`` (a path
+    mounted into the container), else the archive's own places.npz; None where there is none (or the setting
+    is empty)."""
+    value = os.environ.get("LANDMARK_INDEX", handler_cfg.get("index"))
+    if value is not None:
+        return Path(str(value)) if str(value).strip() else None
+    shipped = model_dir / INDEX_FILE
+    return shipped if shipped.is_file() else None
 
 
 def _b64(text: str | bytes) -> bytes:
@@ -182,12 +199,13 @@ class LandmarkHandler:
 
             if torch.cuda.is_available():
                 torch.cuda.set_device(int(props["gpu_id"]))
-        self.predictor = Predictor(model_file, device=device, threads=threads, max_pixels=max_pixels)
+        index = index_path(model_dir, handler_cfg)
+        self.predictor = Predictor(model_file, device=device, threads=threads, max_pixels=max_pixels, index=index)
         self.n_classes = len(self.predictor.classes)
         self.initialized = True
-        logger.info("landmark handler: %s on %s (%s), %d classes, threads=%d, max_pixels=%d",
+        logger.info("landmark handler: %s on %s (%s), %d classes, threads=%d, max_pixels=%d, place index %s",
                     model_file.name, self.predictor.runner.device, self.predictor.runner.providers,
-                    self.n_classes, threads, max_pixels)
+                    self.n_classes, threads, max_pixels, index)
 
     def handle(self, data: list[dict], context) -> list[str]:
         """TorchServe's entry point for every batch (and for a customized describe request)."""
@@ -202,9 +220,15 @@ class LandmarkHandler:
     def describe(self) -> dict:
         """What the management API's customized describe shows: which network answers, and how it decides."""
         p = self.predictor
+        places = None
+        if p.places is not None:
+            m = p.places.meta
+            places = {"photos": len(m.references), "places": len(m.places), "built_at": m.built_at,
+                      "search": m.search.kind, "min_precision": m.operating_point.min_precision,
+                      "threshold": m.operating_point.threshold}
         return {"model_file": self.manifest["model"]["serializedFile"], "device": p.runner.device,
                 "providers": p.runner.providers, "classes": self.n_classes, "preprocess": p.cfg.to_dict(),
-                "min_precision": p.open_set.min_precision}
+                "min_precision": p.open_set.min_precision, "place_index": places}
 
     def _metric(self, name: str, value: float, unit: str, kind: MetricTypes, **dims: str) -> None:
         """One value on TorchServe's metrics, with every dimension named in the order metrics.yaml lists them
@@ -216,8 +240,8 @@ class LandmarkHandler:
     def _count(self, outcome: str, reason: str = "ok") -> None:
         self._metric("LandmarkRequests", 1, "Count", MetricTypes.COUNTER, Outcome=outcome, Reason=reason)
 
-    def _prepare(self, idx: int, item: dict) -> tuple[np.ndarray, int, float | None, dict | None]:
-        """(crop, k, min_precision, v2 body or None) for one request item; ImageError for a bad photo or setting."""
+    def _prepare(self, idx: int, item: dict) -> Prepared:
+        """One request item, decoded and checked; ImageError for a bad photo or setting."""
         headers = self.context.get_all_request_header(idx) or {}
         try:
             k = parse_topk(requested(item, headers, TOPK_PARAM, TOPK_HEADER), self.n_classes)
@@ -226,7 +250,7 @@ class LandmarkHandler:
             raise ImageError(str(e)) from e
         v2 = v2_request(item)
         photo = v2_image(v2) if v2 is not None else image_bytes(item)
-        return self.predictor.preprocess(photo), k, min_precision, v2
+        return Prepared(idx, self.predictor.preprocess(photo), k, min_precision, v2)
 
     def preprocess(self, data: list[dict]) -> dict:
         """Decode and check every item; a bad one gets its 400 here and is left out of the batch."""
@@ -235,7 +259,7 @@ class LandmarkHandler:
         for idx, item in enumerate(data):
             self.context.set_response_content_type(idx, "application/json")
             try:
-                good.append((idx, *self._prepare(idx, item)))
+                good.append(self._prepare(idx, item))
             except ImageError as e:
                 self.context.set_response_status(400, "Bad Request", idx)
                 errors[idx] = str(e)
@@ -247,7 +271,7 @@ class LandmarkHandler:
 
     def inference(self, batch: dict) -> dict:
         """One network call for all good items of the batch."""
-        crops = [crop for _, crop, _, _, _ in batch["good"]]
+        crops = [p.crop for p in batch["good"]]
         start = time.perf_counter()
         batch["outputs"] = rows(self.predictor.outputs(np.stack(crops))) if crops else []
         if crops:
@@ -259,8 +283,8 @@ class LandmarkHandler:
         ``{"error": ...}`` per bad one, in request order."""
         responses = [json.dumps({"error": msg}) for msg in batch["errors"].values()]
         out = dict(zip(batch["errors"], responses, strict=True))
-        for (idx, _, k, min_precision, v2), row in zip(batch["good"], batch["outputs"], strict=True):
-            answer = self.predictor.answer(row, k, min_precision)
+        for p, row in zip(batch["good"], batch["outputs"], strict=True):
+            answer = self.predictor.answer(row, p.k, p.min_precision)
             self._count("unknown" if answer["landmark"] is None else "known")
-            out[idx] = json.dumps(answer if v2 is None else v2_response(v2, self.manifest["model"], answer))
+            out[p.idx] = json.dumps(answer if p.v2 is None else v2_response(p.v2, self.manifest["model"], answer))
         return [out[i] for i in range(batch["size"])]

@@ -41,7 +41,8 @@ def _valid_location(entry: dict, source: Path, folder: str) -> Location:
     return Location(lat, lon, entry.get("country"), entry.get("place"))
 
 
-def _read_table(path: Path) -> dict[str, Location]:
+def read_locations(path: Path) -> dict[str, Location]:
+    """A locations.json table: class folder -> location; ValueError naming the file and entry when bad."""
     table = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(table, dict):
         raise ValueError(f"{path}: expected an object mapping class folder -> location")
@@ -55,8 +56,8 @@ def build_classes(folders: list[str], data_dir: Path | None = None) -> tuple[Lan
     from the built-in Udacity table by loose name; ``None`` where neither knows the place.
     """
     own = data_dir / LOCATIONS_FILE if data_dir is not None else None
-    custom = _read_table(own) if own is not None and own.is_file() else {}
-    builtin = {_key(k): v for k, v in _read_table(BUILTIN_LOCATIONS).items()}
+    custom = read_locations(own) if own is not None and own.is_file() else {}
+    builtin = {_key(k): v for k, v in read_locations(BUILTIN_LOCATIONS).items()}
     return tuple(LandmarkClass(f, display_name(f), custom.get(f) or builtin.get(_key(f))) for f in folders)
 
 

@@ -18,6 +18,20 @@ from PIL import Image, ImageFile, ImageOps
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, never a grey half-image
 
+
+def _register_heif() -> bool:
+    """HEIC/HEIF (what phones write) through libheif, where pillow-heif is installed (it is pinned; a serving
+    image built before it answers HEIC with "not an image" instead of failing to start)."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
+HEIF = _register_heif()
+
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7,300 x 5,500 photo; beyond this a file is a bomb, not a photo
 
 
@@ -96,6 +110,15 @@ def decode(
         raise ImageError("not an image: cannot identify the file format") from e
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         raise ImageError(f"corrupt or truncated image: {e}") from e
+
+
+def photo_format(data: bytes) -> str | None:
+    """The format a file's header names (JPEG, PNG, WEBP, HEIF, ...), without decoding; None for no photo."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.format
+    except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error):
+        return None
 
 
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:

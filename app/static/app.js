@@ -50,8 +50,20 @@ function renderAnswer(card, answer) {
   list.hidden = false;
 
   const place = card.querySelector(".place");
-  const loc = answer.landmark && answer.landmark.location;
-  if (!answer.landmark) {
+  const loc = answer.location;
+  if (answer.source === "your photos") {
+    // located by the place index: the nearest of the user's own geotagged photos
+    const match = answer.place;
+    place.textContent = `Place (from your photos): ${[loc.place, loc.country].filter(Boolean).join(", ")} · ` +
+      `${loc.lat.toFixed(5)}, ${loc.lon.toFixed(5)} · similarity ${match.similarity.toFixed(3)}, ` +
+      `confidence ${(100 * loc.confidence).toFixed(1)}% · like ${match.photos.map((p) => p.path).join(", ")} · `;
+    const a = document.createElement("a");
+    a.href = osmLink(loc.lat, loc.lon);
+    a.textContent = "View on OpenStreetMap";
+    a.target = "_blank";
+    a.rel = "noopener noreferrer";
+    place.appendChild(a);
+  } else if (!answer.landmark) {
     place.textContent = `Not tagged (${answer.reason}): the model's confidence ` +
       `${(100 * answer.confidence).toFixed(1)}% is below its operating point for ` +
       `${(100 * answer.operating_point.min_precision).toFixed(0)}% precision.`;
@@ -128,6 +140,9 @@ async function tag(file) {
     const name = body.landmark.name;
     state.textContent = `${name} (confidence ${(100 * body.confidence).toFixed(1)}%)`;
     img.alt = `Your photo ${file.name}: ${name}`;
+  } else if (body.source === "your photos") {
+    state.textContent = `Near ${body.location.place} (like your photos there)`;
+    img.alt = `Your photo ${file.name}: near ${body.location.place}`;
   } else {
     state.textContent = "No landmark I know: nothing to tag";
     card.classList.add("unknown");
