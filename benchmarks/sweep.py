@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
-import requests
 from PIL import Image
 
 from benchmarks.load import (
@@ -87,8 +87,8 @@ def slowest_request(server, photo: Path, repeats: int = 3) -> dict:
         seconds = []
         for _ in range(repeats):
             t = time.perf_counter()
-            r = server.keys.send(lambda h, body=body, fmt=fmt: requests.post(
-                server.url(), data=body, timeout=300, headers=h), {"Content-Type": f"image/{fmt.lower()}"})
+            r = server.keys.send(lambda h, body=body, fmt=fmt: httpx.post(
+                server.url(), content=body, timeout=300, headers=h), {"Content-Type": f"image/{fmt.lower()}"})
             seconds.append(time.perf_counter() - t)
             r.raise_for_status()
         out[fmt] = {"bytes": len(body), "max_s": max(seconds), "median_s": float(np.median(seconds))}
