@@ -14,14 +14,13 @@ Every request is counted on TorchServe's metrics endpoint by outcome, with prepr
 time and batch size per batch (declared in serve_config/metrics.yaml, which the frontend needs in
 prometheus mode). An Open Inference Protocol v2 request (``POST /v2/models/<name>/infer``, which
 TorchServe 0.12 routes to the handler with the JSON body as it came) carries the photo as a base64
-BYTES input and gets the same answer JSON as the one BYTES output of a v2 response.
+BYTES input and gets the same answer JSON as the one BYTES output of a v2 response (``landmark.oip``,
+the wire format the app's v2 endpoint shares).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ import numpy as np
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 
+from landmark import oip
 from landmark.cli import positive_int, precision
 from landmark.predict import Predictor, rows
 from landmark.preprocess import DEFAULT_MAX_PIXELS, ImageError
@@ -44,7 +44,6 @@ TOPK_PARAM, TOPK_HEADER = "topk", "x-topk"
 PRECISION_PARAM, PRECISION_HEADER = "min_precision", "x-min-precision"
 IMAGE_FIELDS = ("body", "data", "file", "image", "img", "photo", "b64", "instances")  # preferred request fields
 _BASE64 = re.compile(rb"[A-Za-z0-9+/=_\-\s]+")
-_DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,")
 # the start of each bad-input message (landmark.preprocess, this module) -> the Reason of its metric
 BAD_INPUT_REASONS = {"topk": "bad_topk", "min_precision": "bad_min_precision", "image too large": "too_large",
                      "not an image": "not_an_image", "empty image": "empty", "corrupt or truncated": "corrupt",
@@ -63,36 +62,10 @@ def _setting(name: str, handler_cfg: dict, default: int) -> int:
         raise ValueError(f"handler setting {name} (env {env} or model-config.yaml): {e}") from None
 
 
-def _b64(text: str | bytes) -> bytes:
-    if isinstance(text, bytes):
-        text = text.decode("ascii")
-    text = _DATA_URL.sub("", text.strip())
-    try:
-        return base64.b64decode("".join(text.split()), altchars=b"-_" if "-" in text or "_" in text else None,
-                                validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ImageError(f"invalid base64 image: {e}") from e
-
-
 def v2_request(item: dict) -> dict | None:
     """The JSON body of an Open Inference Protocol v2 request ({"inputs": [...]}), else None."""
     body = item.get("body")
-    return body if isinstance(body, dict) and isinstance(body.get("inputs"), list) else None
-
-
-def v2_image(body: dict) -> bytes:
-    """The photo of a v2 request: the first BYTES input's one element, base64 (JSON cannot carry raw bytes)."""
-    data = next((i.get("data") for i in body["inputs"] if isinstance(i, dict) and i.get("datatype") == "BYTES"), None)
-    if not isinstance(data, list) or len(data) != 1 or not isinstance(data[0], str):
-        raise ImageError('v2 request needs one BYTES input with one base64 photo: {"inputs": [{"name": "photo", '
-                         '"shape": [1], "datatype": "BYTES", "data": ["<base64>"]}]}')
-    return _b64(data[0])
-
-
-def v2_response(body: dict, model: dict, answer: dict) -> dict:
-    """The v2 response around the answer JSON, which stays the one format of the service."""
-    return {"id": body.get("id", ""), "model_name": model["modelName"], "model_version": model.get("modelVersion"),
-            "outputs": [{"name": "answer", "datatype": "BYTES", "shape": [1], "data": [json.dumps(answer)]}]}
+    return body if oip.is_request(body) else None
 
 
 def bad_input_reason(message: str) -> str:
@@ -110,15 +83,15 @@ def image_bytes(item: dict) -> bytes:
         inner = next((value[k] for k in IMAGE_FIELDS if k in value), None)
         if not isinstance(inner, str):
             raise ImageError('JSON body needs {"data": "<base64 image>"}')
-        return _b64(inner)
+        return oip.b64_image(inner)
     if isinstance(value, list):
         raise ImageError("one image per request: TorchServe batches separate requests")
     if isinstance(value, str):
-        return _b64(value)
+        return oip.b64_image(value)
     value = bytes(value)
     if value and _BASE64.fullmatch(value):  # no JPEG/PNG/WebP/GIF file is pure base64 text
         try:
-            return _b64(value)
+            return oip.b64_image(value)
         except ImageError:
             pass  # plain text: decode() below reports "not an image"
     return value
@@ -225,7 +198,7 @@ class LandmarkHandler:
         except ValueError as e:
             raise ImageError(str(e)) from e
         v2 = v2_request(item)
-        photo = v2_image(v2) if v2 is not None else image_bytes(item)
+        photo = oip.request_photo(v2) if v2 is not None else image_bytes(item)
         return self.predictor.preprocess(photo), k, min_precision, v2
 
     def preprocess(self, data: list[dict]) -> dict:
@@ -262,5 +235,7 @@ class LandmarkHandler:
         for (idx, _, k, min_precision, v2), row in zip(batch["good"], batch["outputs"], strict=True):
             answer = self.predictor.answer(row, k, min_precision)
             self._count("unknown" if answer["landmark"] is None else "known")
-            out[idx] = json.dumps(answer if v2 is None else v2_response(v2, self.manifest["model"], answer))
+            model = self.manifest["model"]
+            out[idx] = json.dumps(answer) if v2 is None else json.dumps(oip.response(
+                str(v2.get("id", "")), model["modelName"], model.get("modelVersion"), json.dumps(answer)))
         return [out[i] for i in range(batch["size"])]
