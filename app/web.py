@@ -129,7 +129,8 @@ def create_app(target: ServeTarget, max_upload: int = DEFAULT_MAX_UPLOAD, topk: 
 
     @app.get("/api/config")
     async def config() -> dict:
-        return {"max_upload_bytes": max_upload, "topk": topk, "model": target.model, "max_in_flight": max_in_flight}
+        return {"max_upload_bytes": max_upload, "topk": topk, "model": target.model, "max_in_flight": max_in_flight,
+                "in_flight": gate.in_flight}
 
     @app.get("/api/health")
     async def health() -> JSONResponse:

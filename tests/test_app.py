@@ -25,7 +25,7 @@ from conftest import SHARED_DATA, broken_store, free_port, run_module, serve, st
 from benchmarks.bad_inputs import bad_inputs, png_bomb
 from handlers import tokens
 from handlers.process import TorchServe
-from handlers.settings import CONFIG, RETRY_AFTER_S
+from handlers.settings import CONFIG, RETRY_AFTER_S, write_properties
 from handlers.tokens import Keys
 from landmark.predict import Predictor
 
@@ -159,19 +159,49 @@ def test_the_app_sheds_load_at_once_past_its_limit(served: TorchServe, tmp_path:
     try:
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(httpx.post, f"{url}/api/predict", content=slow_upload(), timeout=90)
-            deadline = time.monotonic() + 30
-            while (shed := httpx.post(f"{url}/api/predict", content=jpeg, timeout=30)).status_code == 200:
-                assert time.monotonic() < deadline, ("the slow upload never held the app's one slot",
-                                                     first.done() and (first.exception() or first.result().text))
+            deadline = time.monotonic() + 60
+            while httpx.get(f"{url}/api/config", timeout=10).json()["in_flight"] < 1:  # its headers are in
+                assert time.monotonic() < deadline and not first.done(), "the slow upload never reached the app"
                 time.sleep(0.05)
+            shed = httpx.post(f"{url}/api/predict", content=jpeg, timeout=30)
             release.set()
             assert first.result().status_code == 200, first.result().text
         assert shed.status_code == 503 and shed.headers["retry-after"] == str(RETRY_AFTER_S), shed.text
         assert "at capacity (1 requests in progress)" in shed.json()["error"]
         assert httpx.post(f"{url}/api/predict", content=jpeg, timeout=30).status_code == 200
+        assert httpx.get(f"{url}/api/config", timeout=10).json()["in_flight"] == 0
     finally:
         release.set()
         stop_app(app)
+
+
+@pytest.fixture(scope="module")
+def full_queue_served(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
+    """A server whose job queue holds one request: a crowd gets TorchServe's own 503s."""
+    work = tmp_path_factory.mktemp("ts_full_queue")
+    config = write_properties(work.parent / "full_queue.properties", CONFIG, {"job_queue_size": 1})
+    yield from serve(store, work, config)
+
+
+def test_torchserves_503_reaches_the_client_as_json_with_retry_after(full_queue_served: TorchServe,
+                                                                     tmp_path: Path) -> None:
+    """The app lets more through than TorchServe queues; TorchServe's 503 comes back JSON with Retry-After."""
+    jpeg = sample_photo(tmp_path).read_bytes()
+    server = full_queue_served
+    app, url = start_app(server.inference_url, server.workdir / "key_file.json", tmp_path / "app.log", 10,
+                         "--max-in-flight", "64")
+    try:
+        with ThreadPoolExecutor(24) as pool:
+            for _ in range(5):  # a crowd of 24 against a queue of 1 and one worker: some are turned away
+                answers = list(pool.map(lambda _: httpx.post(f"{url}/api/predict", content=jpeg, timeout=60),
+                                        range(48)))
+                if any(r.status_code == 503 for r in answers):
+                    break
+    finally:
+        stop_app(app)
+    assert {r.status_code for r in answers} == {200, 503}, [r.text for r in answers if r.status_code != 200]
+    for r in (r for r in answers if r.status_code == 503):
+        assert r.headers["retry-after"] == str(RETRY_AFTER_S) and "TorchServe is at capacity" in r.json()["error"]
 
 
 def test_open_inference_protocol_v2_with_tritonclient(app_url: str, tmp_path: Path) -> None:
@@ -237,9 +267,6 @@ def test_api_health_is_not_ok_while_the_model_has_no_ready_worker(tmp_path: Path
                               "--management-url", ts.management_url, "--model", "broken")
         health = httpx.get(f"{url}/api/health", timeout=10).json()
         assert health["server"] == "not_ready" and "broken has no READY worker" in health["error"], health
-        r = httpx.post(f"{url}/api/predict", content=sample_photo(tmp_path).read_bytes(), timeout=30)
-        assert r.status_code == 503 and r.headers["retry-after"] == str(RETRY_AFTER_S), r.text  # TorchServe's 503
-        assert "no worker" in r.json()["error"]
         ready = httpx.get(f"{url}/v2/health/ready", timeout=10)
         assert ready.status_code == 503 and "broken has no READY worker" in ready.json()["error"]
     finally:
