@@ -58,13 +58,14 @@ SERVE_STAMP := .venv-serve/.installed
 SERVE_TORCH ?= 2.13.0
 FAULT_ARGS ?=
 SWEEP_ARGS ?=
+PROXY_ARGS ?=
 ARCHIVE_ARGS ?=
 # the container image (deploy/Dockerfile): podman where installed, else docker
 ENGINE ?= $(shell command -v podman || command -v docker || echo podman)
 IMAGE ?= landmark:$(MODEL_VERSION)
 MAR ?= $(MODEL_STORE)/$(MODEL_NAME).mar
 
-.PHONY: help install data train train-scratch train-transfer ensemble export quantize eval-open-set archive serve ready bench-decode \
+.PHONY: help install data train train-scratch train-transfer ensemble export quantize eval-open-set archive serve ready bench-decode bench-proxy \
 	predict stop serve-venv bench bench-index index exiftool gpu-pack gpu-check soak sweep faults app tag tag-distributed image browser-deps test lint demo clean
 
 help:  ## list the targets
@@ -134,16 +135,19 @@ gpu-pack: $(STAMP)  ## .gpu-carry/ for a lent GPU machine: exported models + tes
 gpu-check: $(STAMP)  ## on CUDA: ORT providers, CUDA=CPU outputs, bench's CUDA rows, GPU worker, NCCL (GPU_CHECK_ARGS)
 	@PY=$(PY) bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
+bench-proxy: $(STAMP)  ## the path users hit: TorchServe directly vs through the app at c=8/16/64, in-process ceiling (MODEL_DIR, PROXY_ARGS)
+	$(PY) -m benchmarks.proxy --model-dir "$(MODEL_DIR)" --backend $(BACKEND) $(PROXY_ARGS)
+
 bench-decode: $(STAMP)  ## JPEG draft decoding vs full decode: time per photo and the answers, per model (DECODE_ARGS)
 	$(PY) -m benchmarks.decode $(DECODE_ARGS)
 
-soak: $(STAMP)  ## 10,000 requests at concurrency 8 (Locust; 5% bad inputs): errors, p99 per window, worker PSS (MODEL_DIR, SOAK_ARGS)
+soak: $(STAMP)  ## 10,000 requests at concurrency 8 through the app (Locust; 5% bad inputs): errors, p99 per window, worker PSS (MODEL_DIR, SOAK_ARGS)
 	$(PY) -m benchmarks.soak --model-dir "$(MODEL_DIR)" --backend $(BACKEND) $(SOAK_ARGS)
 
-sweep: $(STAMP)  ## serving settings by measurement: workers x batch x delay, overload, slowest request (MODEL_DIR)
+sweep: $(STAMP)  ## serving settings by measurement: workers x batch x delay x threads, overload, slowest request (MODEL_DIR)
 	$(PY) -m benchmarks.sweep --model-dir "$(MODEL_DIR)" --backend $(BACKEND) $(SWEEP_ARGS)
 
-faults: $(STAMP)  ## SIGKILL workers under load, SIGKILL the server and restart, read-only / full disk (MODEL_DIR)
+faults: $(STAMP)  ## SIGKILL workers under load through the app, SIGKILL the server and restart, read-only / full disk (MODEL_DIR)
 	$(PY) -m benchmarks.faults --model-dir "$(MODEL_DIR)" --backend $(BACKEND) $(FAULT_ARGS)
 
 app: $(STAMP)  ## the tagging web page on http://127.0.0.1:8000/ (APP_PORT), proxying to the `make serve` TorchServe

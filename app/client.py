@@ -8,13 +8,14 @@ ever travels from this process to TorchServe.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from handlers.settings import KEY_FILE, MODEL_NAME, server_urls
+from handlers.settings import KEY_FILE, MODEL_NAME, RETRY_AFTER_S, server_urls
 from handlers.tokens import Keys, TokenError, refused
 
 DEFAULT_MODEL = os.environ.get("TORCHSERVE_MODEL", MODEL_NAME)
@@ -22,12 +23,14 @@ HEADERS = {"Content-Type": "application/octet-stream"}  # raw photo bytes, never
 
 
 class ServeError(Exception):
-    """TorchServe answered with an error, or could not be reached (``status`` 503)."""
+    """TorchServe answered with an error, or could not be reached (``status`` 503); ``retry_after`` (seconds)
+    where trying again later may succeed: a 503 tells the caller when."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after if retry_after is not None or status != 503 else RETRY_AFTER_S
 
 
 @dataclass(frozen=True)
@@ -76,29 +79,42 @@ def target_from_args(args: argparse.Namespace) -> ServeTarget:
     return ServeTarget(args.inference_url or os.environ.get("TORCHSERVE_URL") or urls["inference"], keys, args.model)
 
 
-def _message(response: httpx.Response) -> str:
+def message(body: bytes) -> str:
+    """The error text of a TorchServe answer: the handler's {"error"}, TorchServe's own {"message"}, or the text."""
     try:
-        body = response.json()
+        parsed = json.loads(body)
     except ValueError:
-        return response.text.strip()[:300] or response.reason_phrase
-    if isinstance(body, dict):
-        return str(body.get("error") or body.get("message") or body)
-    return str(body)
+        return body.decode("utf-8", "replace").strip()[:300]
+    if isinstance(parsed, dict):
+        return str(parsed.get("error") or parsed.get("message") or parsed)
+    return str(parsed)
+
+
+def upstream_error(status: int, body: bytes) -> ServeError | None:
+    """None for TorchServe's 200, else the error its answer means for the caller: the handler's own 4xx keeps
+    its status (a bad photo or setting), a refused key or a TorchServe failure is the gateway's 502, and
+    TorchServe's 503 (queue full, no worker) stays a 503 with a time to retry after."""
+    if status == 200:
+        return None
+    text = body.decode("utf-8", "replace")
+    if status in (401, 403) or refused(status, text):
+        return ServeError(502, "TorchServe refused the inference token (was the server restarted with a new key?)")
+    if status == 404:
+        return ServeError(503, f"the model is not registered on TorchServe: {message(body)}")
+    if status == 503:
+        return ServeError(503, f"TorchServe is at capacity or has no worker ready: {message(body)}")
+    if status == 413:
+        return ServeError(413, "file too large for TorchServe's max_request_size")
+    if 400 <= status < 500:
+        return ServeError(status, message(body) or f"TorchServe answered {status}")
+    return ServeError(502, f"TorchServe failed on this photo: {message(body) or status}")
 
 
 def parse_answer(response: httpx.Response) -> dict:
     """TorchServe's answer (``landmark.predict.answer``: landmark or null, reason, confidence, top_k), or
     ServeError with a status meant for the caller."""
-    if response.status_code in (401, 403) or refused(response.status_code, response.text):
-        raise ServeError(502, "TorchServe refused the inference token (was the server restarted with a new key?)")
-    if response.status_code == 404:
-        raise ServeError(503, f"the model is not registered on TorchServe: {_message(response)}")
-    if response.status_code == 503:
-        raise ServeError(503, f"TorchServe has no worker ready: {_message(response)}")
-    if 400 <= response.status_code < 500:
-        raise ServeError(response.status_code, _message(response))
-    if response.status_code >= 500:
-        raise ServeError(502, f"TorchServe failed on this photo: {_message(response)}")
+    if (error := upstream_error(response.status_code, response.content)) is not None:
+        raise error
     body = response.json()
     top_k = body.get("top_k") if isinstance(body, dict) else None
     if (not isinstance(top_k, list) or not all(isinstance(p, dict) and "label" in p for p in top_k)

@@ -1,6 +1,7 @@
 """Fault runs (``make faults``): what a served model does when its processes die or its disk fails.
 
-1. One worker, then every worker, SIGKILLed while Locust keeps concurrency 8 on the server: which
+1. One worker, then every worker, SIGKILLed while Locust keeps concurrency 8 on the server, through
+   the app in front of it (the path users hit; ``--via torchserve`` for TorchServe alone): which
    requests fail (only those the dead workers held may), how long until TorchServe has the worker
    count back READY, whether readiness went false only when no worker was left, and whether every
    request after the recovery succeeds.
@@ -30,10 +31,12 @@ from pathlib import Path
 
 import psutil
 
+from app.process import AppProcess
 from benchmarks.load import (
     Plan,
     archive_settings,
     missing_model,
+    own_app,
     own_server,
     photos_in,
     publish,
@@ -54,6 +57,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, required=True, help="an exported run folder (make train / export)")
     p.add_argument("--backend", choices=list(MODEL_FILES), default="onnx")
+    p.add_argument("--via", choices=("app", "torchserve"), default="app",
+                   help="load through the app (the exposed path) or TorchServe directly")
     p.add_argument("--concurrency", type=positive_int, default=8)
     p.add_argument("--requests", type=positive_int, default=1500, help="requests of the load a worker dies under")
     p.add_argument("--kill-after", type=positive_float, default=3.0, help="seconds into the load")
@@ -77,13 +82,15 @@ def wait_for_workers(server: TorchServe, count: int, dead: set[int], timeout: fl
 
 
 def kill_workers_under_load(server: TorchServe, photos: list[Path], args: argparse.Namespace, work: Path,
-                            how_many: int) -> dict:
-    """SIGKILL ``how_many`` workers ``--kill-after`` s into a Locust run; judge every request."""
+                            how_many: int, via: AppProcess | None = None) -> dict:
+    """SIGKILL ``how_many`` workers ``--kill-after`` s into a Locust run (on ``server``, or through the app
+    ``via``); judge every request."""
+    target = via or server
     pids = server.worker_pids()
     victims = set(pids[:how_many])
     box: dict = {}
     load = threading.Thread(target=lambda: box.update(
-        records=run_locust(server, Plan.mixed(work / f"kill{how_many}", photos, args.requests), args.concurrency,
+        records=run_locust(target, Plan.mixed(work / f"kill{how_many}", photos, args.requests), args.concurrency,
                            timeout_s=600)))
     load.start()
     time.sleep(args.kill_after)
@@ -92,7 +99,7 @@ def kill_workers_under_load(server: TorchServe, photos: list[Path], args: argpar
         os.kill(pid, signal.SIGKILL)
     recovery_s, polls = wait_for_workers(server, len(pids), victims, timeout=120)
     load.join()
-    after = run_locust(server, Plan.mixed(work / f"after{how_many}", photos, args.after_requests), args.concurrency,
+    after = run_locust(target, Plan.mixed(work / f"after{how_many}", photos, args.after_requests), args.concurrency,
                        timeout_s=600)
     records = box.get("records", [])
     failed = unexpected(records)
@@ -205,7 +212,8 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"# Fault runs: {result['model_dir']} ({result['backend']})", "",
              f"{m['cpu']}, {m['cores_logical']} logical cores; started {result['started_at']}; Locust at "
-             f"concurrency {result['concurrency']}.", "",
+             f"concurrency {result['concurrency']}, "
+             f"{'through the app' if result.get('via') == 'app' else 'to TorchServe directly'}.", "",
              "| fault | requests | in flight | failed (bound) | back READY | failed after | ready false | pass |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in result["workers"].items():
@@ -235,13 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     photos = photos_in(default_photo_dirs(args.model_dir), 50)
     result = {**run_header(args, t0), "model_dir": str(args.model_dir), "backend": args.backend,
-              "concurrency": args.concurrency, "workers": {}}
+              "concurrency": args.concurrency, "via": args.via, "workers": {}}
     with tempfile.TemporaryDirectory(prefix="faults-") as tmp:
         work = Path(tmp)
         for name, n in (("one worker SIGKILLed", 1), ("every worker SIGKILLed", None)):
-            with own_server(args.model_dir, args.backend) as server:
+            with contextlib.ExitStack() as stack:
+                server = stack.enter_context(own_server(args.model_dir, args.backend))
+                app = stack.enter_context(own_app(server, work / "app")) if args.via == "app" else None
                 result["workers"][name] = kill_workers_under_load(server, photos, args, work,
-                                                                  n or len(server.worker_pids()))
+                                                                  n or len(server.worker_pids()), app)
             print(f"{name}: {result['workers'][name]}", flush=True)
         from handlers.archive import build
 

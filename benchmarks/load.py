@@ -1,9 +1,11 @@
 """Load through Locust (a standard load tool, not a hand-written loop) against an isolated TorchServe,
-with the worker memory and per-request records the soak and the fault runs judge.
+directly or through the app in front of it (the path users hit), with the worker memory and per-request
+records the soak, the fault runs, the sweep and the proxy benchmark judge.
 
 ``own_server`` archives a run folder as ``make archive`` does and starts it on free loopback ports in
-a temporary workdir; ``Plan`` is the ordered list of bodies (real photos, every n-th one a bad input);
-``run_locust`` sends it headless and returns one record per request.
+a temporary workdir; ``own_app`` starts ``python -m app.web`` in front of it; ``Plan`` is the ordered
+list of bodies (real photos, every n-th one a bad input); ``run_locust`` sends it headless to an
+``Endpoint`` and returns one record per request.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import psutil
 
+from app.process import AppProcess
 from benchmarks.bad_inputs import bad_inputs
 from benchmarks.inputs import list_photos
 from benchmarks.stats import percentile
@@ -94,16 +97,50 @@ class Plan:
         return plan
 
 
-def run_locust(server: TorchServe, plan: Plan, concurrency: int, timeout_s: float) -> list[dict]:
-    """Send ``plan`` with ``concurrency`` Locust users; one record per request, in plan order."""
+@contextlib.contextmanager
+def own_app(server: TorchServe, work: Path, *args: str) -> Iterator[AppProcess]:
+    """``python -m app.web`` in front of ``server`` (its keys, its management API) until the block ends;
+    ``args`` are more of the app's flags (--max-in-flight)."""
+    work.mkdir(parents=True, exist_ok=True)
+    with AppProcess(server.inference_url, server.keys.key_file, work / "app.log",
+                    "--management-url", server.management_url, *args) as app:
+        yield app
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a Locust run posts its bodies: TorchServe's predictions API with its inference key, or the
+    app's /api/predict, which holds the key itself (the client sends none)."""
+    via: str  # "torchserve" or "app"
+    host: str
+    path: str
+    key_file: str | None = None
+    management_url: str | None = None
+
+    @classmethod
+    def of(cls, target: TorchServe | AppProcess | Endpoint) -> Endpoint:
+        if isinstance(target, Endpoint):
+            return target
+        if isinstance(target, AppProcess):
+            return cls("app", target.url, "/api/predict")
+        return cls("torchserve", target.inference_url, f"/predictions/{target.model}", str(target.keys.key_file),
+                   target.management_url)
+
+
+def run_locust(target: TorchServe | AppProcess | Endpoint, plan: Plan, concurrency: int, timeout_s: float,
+               wait_on_503: bool = False) -> list[dict]:
+    """Send ``plan`` with ``concurrency`` Locust users; one record per request, in plan order. With
+    ``wait_on_503`` a user that got a 503 waits its Retry-After (1 s where TorchServe sends none) before
+    its next request, as a well-behaved client does; without, it sends at once, as ``hey`` does."""
+    endpoint = Endpoint.of(target)
     records = plan.folder / "records.json"
     plan_file = plan.folder / "plan.json"
     plan_file.write_text(json.dumps({
-        "path": f"/predictions/{server.model}", "key_file": str(server.keys.key_file),
-        "management_url": server.management_url, "items": plan.items, "schedule": plan.schedule,
+        "path": endpoint.path, "key_file": endpoint.key_file, "management_url": endpoint.management_url,
+        "wait_on_503": wait_on_503, "items": plan.items, "schedule": plan.schedule,
         "records": str(records)}), encoding="utf-8")
     cmd = [str(Path(sys.executable).with_name("locust")), "-f", str(LOCUSTFILE), "--headless",
-           "-u", str(concurrency), "-r", str(concurrency), "--host", server.inference_url,
+           "-u", str(concurrency), "-r", str(concurrency), "--host", endpoint.host,
            "--run-time", f"{int(timeout_s)}s", "--stop-timeout", "30", "--only-summary", "--loglevel", "WARNING",
            "--exit-code-on-error", "0"]
     env = {**os.environ, "LANDMARK_LOAD_PLAN": str(plan_file), "PYTHONPATH": str(ROOT)}
@@ -145,6 +182,15 @@ class MemoryTrace:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def app_memory(app: AppProcess) -> dict[str, float]:
+    """The app process's RSS (MB) and the CPU seconds it has used so far (user + system)."""
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(app.proc.pid)
+        cpu = proc.cpu_times()
+        return {"rss_mb": round(proc.memory_info().rss / 2**20, 1), "cpu_s": cpu.user + cpu.system}
+    return {}
 
 
 def latency_ms(records: list[dict]) -> dict:
@@ -197,5 +243,6 @@ def publish(out_dir: Path, kind: str, started: float, result: dict, text: str, c
 
 
 def unexpected(records: list[dict]) -> list[dict]:
-    """Requests whose status is not the one their body deserves (0 = no HTTP answer at all)."""
-    return [r for r in records if r["status"] != r["expect"]]
+    """Requests whose status is not the one their body deserves (0 = no HTTP answer at all), or whose
+    refusal came without a JSON {"error"} saying why (records from before that was recorded: status only)."""
+    return [r for r in records if r["status"] != r["expect"] or not r.get("json_error", True)]

@@ -15,7 +15,8 @@ import psutil
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 LIBRARIES = ("torch", "onnxruntime-gpu", "onnxruntime", "onnx", "numpy", "pillow", "timm", "torchserve",
-             "torch-model-archiver", "matplotlib", "psutil", "requests")
+             "torch-model-archiver", "matplotlib", "psutil", "httpx", "fastapi", "uvicorn", "uvloop", "httptools",
+             "locust")
 
 
 def default_threads() -> int:

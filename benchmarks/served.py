@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psutil
-import requests
 
 from benchmarks.load import archive_settings, own_server, worker_memory
 from benchmarks.stats import summarize_ms, time_loop
@@ -44,7 +44,7 @@ def load_test(url: str, headers: dict, body: bytes, load: Load) -> dict:
 
     def client() -> None:
         nonlocal sent
-        with requests.Session() as session:
+        with httpx.Client(timeout=load.timeout_s) as session:
             while True:
                 with lock:
                     if sent >= load.max_requests or time.perf_counter() >= deadline:
@@ -52,9 +52,9 @@ def load_test(url: str, headers: dict, body: bytes, load: Load) -> dict:
                     sent += 1
                 t = time.perf_counter()
                 try:
-                    r = session.post(url, data=body, headers=headers, timeout=load.timeout_s)
+                    r = session.post(url, content=body, headers=headers)
                     ok, what = r.status_code == 200, f"HTTP {r.status_code}: {r.text[:200]}"
-                except requests.RequestException as e:
+                except httpx.HTTPError as e:
                     ok, what = False, f"{type(e).__name__}: {e}"
                 dt = time.perf_counter() - t
                 with lock:

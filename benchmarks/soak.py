@@ -1,11 +1,12 @@
 """Soak benchmark (``make soak``): many requests at a fixed concurrency against the served model, real
-photos with bad inputs mixed in, sent by Locust.
+photos with bad inputs mixed in, sent by Locust through the app in front of TorchServe (the path users
+hit; ``--via torchserve`` for TorchServe alone).
 
 It archives a run folder as ``make archive`` does, starts an isolated TorchServe, warms it up, then
 sends ``--requests`` bodies (the model's own test photos and everyday photos with no landmark, every
 ``--bad-every``-th one a bad input that must get a JSON 400) and reports errors by kind,
 p50 / p99 of the photo requests per window of ``--window`` requests, and each worker's RSS and PSS
-over the run. Judged against the bars of a deployment that runs for weeks: no unexpected error, PSS
+over the run (and the app's RSS). Judged against the bars of a deployment that runs for weeks: no unexpected error, PSS
 growth after warm-up under 5%, last window's p99 within 1.5x of the first. Writes
 benchmarks/results/soak-<host>-<time>.{json,md,png}.
 
@@ -16,6 +17,7 @@ benchmarks/results/soak-<host>-<time>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -26,9 +28,11 @@ from benchmarks.inputs import SHARED
 from benchmarks.load import (
     MemoryTrace,
     Plan,
+    app_memory,
     latency_ms,
     missing_model,
     outcomes,
+    own_app,
     own_server,
     photos_in,
     publish,
@@ -42,12 +46,15 @@ from landmark.run_files import MODEL_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 BARS = {"unexpected_errors": 0, "pss_growth_pct": 5.0, "p99_last_over_first": 1.5}
+VIA = ("app", "torchserve")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, required=True, help="an exported run folder (make train / export)")
     p.add_argument("--backend", choices=list(MODEL_FILES), default="onnx")
+    p.add_argument("--via", choices=VIA, default="app", help="send through the app (the exposed path) or to "
+                   "TorchServe directly")
     p.add_argument("--requests", type=positive_int, default=10_000)
     p.add_argument("--concurrency", type=positive_int, default=8)
     p.add_argument("--bad-every", type=positive_int, default=20, help="every n-th request is a bad input (20: 5%%)")
@@ -104,21 +111,28 @@ def soak(args: argparse.Namespace, work: Path) -> dict:
         raise FileNotFoundError(f"no photos in {[str(d) for d in dirs]}")
     plan = Plan.mixed(work / "soak", photos, args.requests, args.bad_every)
     warmup = Plan.mixed(work / "warmup", photos, 10 * args.concurrency)
-    with own_server(args.model_dir, args.backend, workers=args.workers, venv=args.serve_venv) as server:
-        run_locust(server, warmup, args.concurrency, timeout_s=300)
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(own_server(args.model_dir, args.backend, workers=args.workers,
+                                                venv=args.serve_venv))
+        app = stack.enter_context(own_app(server, work / "app")) if args.via == "app" else None
+        target = app or server
+        run_locust(target, warmup, args.concurrency, timeout_s=300)
         pids, start_memory = server.worker_pids(), worker_memory(server)
+        app_start = app_memory(app) if app else None
         timeout = 300 + args.requests  # a generous bound (1 request/s), so a hang ends the run
         with MemoryTrace(server, args.memory_every) as trace:
             t0 = time.time()
-            records = run_locust(server, plan, args.concurrency, timeout)
+            records = run_locust(target, plan, args.concurrency, timeout)
             wall = time.time() - t0
         end_memory, end_pids = worker_memory(server), server.worker_pids()
+        app_end = app_memory(app) if app else None
         describe = server.describe()
     wins = windows(records, args.window)
     first_window_end = max(r["start"] + r["ms"] / 1e3 for r in records[:args.window])
     bad = unexpected(records)
     result = {
         "photos": {"folders": [str(d) for d in dirs], "count": len(photos)},
+        "via": args.via, "app": {"start": app_start, "end": app_end} if app_start else None,
         "server": {"workers": len(pids), "batch_size": describe.get("batchSize"),
                    "max_batch_delay": describe.get("maxBatchDelay"), "cold_start_s": server.cold_start_s},
         "requests": len(records), "wall_s": wall, "requests_per_s": len(records) / wall,

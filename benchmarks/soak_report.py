@@ -28,6 +28,15 @@ def _memory_rows(result: dict) -> list[str]:
     return rows
 
 
+def _via(result: dict) -> str:
+    """Which path the load took, and what the app used of memory and CPU on it (older results: TorchServe)."""
+    if result.get("via", "torchserve") == "torchserve":
+        return "sent to TorchServe directly"
+    start, end = result["app"]["start"], result["app"]["end"]
+    return (f"sent through the app (RSS {start['rss_mb']:.0f} -> {end['rss_mb']:.0f} MB, "
+            f"{1e3 * (end['cpu_s'] - start['cpu_s']) / result['requests']:.2f} ms CPU per request)")
+
+
 def soak_markdown(result: dict) -> str:
     m, s, v = result["machine"], result["settings"], result["verdict"]
     lines = [
@@ -36,7 +45,8 @@ def soak_markdown(result: dict) -> str:
         f"{m['cpu']}, {m['cores_logical']} logical cores; started {result['started_at']}; "
         f"model `{s['model_dir']}` ({s['backend']}), {result['server']['workers']} workers, batch "
         f"{result['server']['batch_size']}, delay {result['server']['max_batch_delay']} ms; "
-        f"{result['photos']['count']} real photos, every {s['bad_every']}th request a bad input; Locust.",
+        f"{result['photos']['count']} real photos, every {s['bad_every']}th request a bad input; Locust, "
+        f"{_via(result)}.",
         "",
         f"{result['wall_s']:.0f} s, {result['requests_per_s']:.1f} requests/s; workers replaced: "
         f"{result['workers_replaced'] or 'none'}.",

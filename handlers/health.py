@@ -10,14 +10,14 @@ one of its workers is READY.
 
 from __future__ import annotations
 
-import requests
+import httpx
 
 from handlers.tokens import Keys, TokenError
 
 
 def describe(management_url: str, keys: Keys, model: str) -> dict:
     """The management API's description of ``model`` (workers, batch settings); raises on any failure."""
-    r = requests.get(f"{management_url.rstrip('/')}/models/{model}", headers=keys.management_headers(), timeout=10)
+    r = httpx.get(f"{management_url.rstrip('/')}/models/{model}", headers=keys.management_headers(), timeout=10)
     r.raise_for_status()
     return r.json()[0]
 
@@ -28,8 +28,17 @@ def unready(management_url: str | None, keys: Keys, model: str) -> str | None:
         return "no management URL known to ask for the model's workers"
     try:
         workers = describe(management_url, keys, model)["workers"]
-    except (requests.RequestException, TokenError, ValueError, KeyError, IndexError) as e:
-        return f"no description of {model} from {management_url}: {e.__class__.__name__}: {str(e)[:200]}"
+    except (httpx.HTTPError, TokenError, ValueError, KeyError, IndexError) as e:
+        return no_description(model, management_url, e)
+    return workers_unready(model, workers)
+
+
+def no_description(model: str, management_url: str, error: Exception) -> str:
+    return f"no description of {model} from {management_url}: {error.__class__.__name__}: {str(error)[:200]}"
+
+
+def workers_unready(model: str, workers: list[dict]) -> str | None:
+    """None while one of the described ``workers`` is READY, else why the model cannot answer."""
     if any(w.get("status") == "READY" for w in workers):
         return None
     states = ", ".join(f"{w.get('pid')} {w.get('status')}" for w in workers) or "none"
@@ -39,7 +48,7 @@ def unready(management_url: str | None, keys: Keys, model: str) -> str | None:
 def live(inference_url: str, keys: Keys) -> bool:
     """Whether the frontend answers ``/ping`` (it does even when no worker can answer)."""
     try:
-        return requests.get(f"{inference_url.rstrip('/')}/ping", headers=keys.inference_headers(),
-                            timeout=5).status_code == 200
-    except (requests.RequestException, TokenError):
+        return httpx.get(f"{inference_url.rstrip('/')}/ping", headers=keys.inference_headers(),
+                         timeout=5).status_code == 200
+    except (httpx.HTTPError, TokenError):
         return False

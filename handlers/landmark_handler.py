@@ -14,7 +14,8 @@ Every request is counted on TorchServe's metrics endpoint by outcome, with prepr
 time and batch size per batch (declared in serve_config/metrics.yaml, which the frontend needs in
 prometheus mode). An Open Inference Protocol v2 request (``POST /v2/models/<name>/infer``, which
 TorchServe 0.12 routes to the handler with the JSON body as it came) carries the photo as a base64
-BYTES input and gets the same answer JSON as the one BYTES output of a v2 response.
+BYTES input and gets the same answer JSON as the one BYTES output of a v2 response (``landmark.oip``,
+the wire format the app's v2 endpoint shares).
 
 A place index of the user's own geotagged photos (``landmark.places``) answers where the model's own decision
 does not tag: ``places.npz`` shipped in the archive (``handlers.archive --index``), or a file mounted at the
@@ -25,8 +26,6 @@ another model stops the load with a message naming both models.
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ import numpy as np
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 
+from landmark import oip
 from landmark.cli import positive_int, precision
 from landmark.places import INDEX_FILE
 from landmark.predict import Predictor, Prepared, rows  # Prepared lives there: one class per handler module
@@ -50,7 +50,6 @@ TOPK_PARAM, TOPK_HEADER = "topk", "x-topk"
 PRECISION_PARAM, PRECISION_HEADER = "min_precision", "x-min-precision"
 IMAGE_FIELDS = ("body", "data", "file", "image", "img", "photo", "b64", "instances")  # preferred request fields
 _BASE64 = re.compile(rb"[A-Za-z0-9+/=_\-\s]+")
-_DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,")
 # the start of each bad-input message (landmark.preprocess, this module) -> the Reason of its metric
 BAD_INPUT_REASONS = {"topk": "bad_topk", "min_precision": "bad_min_precision", "image too large": "too_large",
                      "not an image": "not_an_image", "empty image": "empty", "corrupt or truncated": "corrupt",
@@ -80,36 +79,10 @@ def index_path(model_dir: Path, handler_cfg: dict) -> Path | None:
     return shipped if shipped.is_file() else None
 
 
-def _b64(text: str | bytes) -> bytes:
-    if isinstance(text, bytes):
-        text = text.decode("ascii")
-    text = _DATA_URL.sub("", text.strip())
-    try:
-        return base64.b64decode("".join(text.split()), altchars=b"-_" if "-" in text or "_" in text else None,
-                                validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ImageError(f"invalid base64 image: {e}") from e
-
-
 def v2_request(item: dict) -> dict | None:
     """The JSON body of an Open Inference Protocol v2 request ({"inputs": [...]}), else None."""
     body = item.get("body")
-    return body if isinstance(body, dict) and isinstance(body.get("inputs"), list) else None
-
-
-def v2_image(body: dict) -> bytes:
-    """The photo of a v2 request: the first BYTES input's one element, base64 (JSON cannot carry raw bytes)."""
-    data = next((i.get("data") for i in body["inputs"] if isinstance(i, dict) and i.get("datatype") == "BYTES"), None)
-    if not isinstance(data, list) or len(data) != 1 or not isinstance(data[0], str):
-        raise ImageError('v2 request needs one BYTES input with one base64 photo: {"inputs": [{"name": "photo", '
-                         '"shape": [1], "datatype": "BYTES", "data": ["<base64>"]}]}')
-    return _b64(data[0])
-
-
-def v2_response(body: dict, model: dict, answer: dict) -> dict:
-    """The v2 response around the answer JSON, which stays the one format of the service."""
-    return {"id": body.get("id", ""), "model_name": model["modelName"], "model_version": model.get("modelVersion"),
-            "outputs": [{"name": "answer", "datatype": "BYTES", "shape": [1], "data": [json.dumps(answer)]}]}
+    return body if oip.is_request(body) else None
 
 
 def bad_input_reason(message: str) -> str:
@@ -127,15 +100,15 @@ def image_bytes(item: dict) -> bytes:
         inner = next((value[k] for k in IMAGE_FIELDS if k in value), None)
         if not isinstance(inner, str):
             raise ImageError('JSON body needs {"data": "<base64 image>"}')
-        return _b64(inner)
+        return oip.b64_image(inner)
     if isinstance(value, list):
         raise ImageError("one image per request: TorchServe batches separate requests")
     if isinstance(value, str):
-        return _b64(value)
+        return oip.b64_image(value)
     value = bytes(value)
     if value and _BASE64.fullmatch(value):  # no JPEG/PNG/WebP/GIF file is pure base64 text
         try:
-            return _b64(value)
+            return oip.b64_image(value)
         except ImageError:
             pass  # plain text: decode() below reports "not an image"
     return value
@@ -249,7 +222,7 @@ class LandmarkHandler:
         except ValueError as e:
             raise ImageError(str(e)) from e
         v2 = v2_request(item)
-        photo = v2_image(v2) if v2 is not None else image_bytes(item)
+        photo = oip.request_photo(v2) if v2 is not None else image_bytes(item)
         return Prepared(idx, self.predictor.preprocess(photo), k, min_precision, v2)
 
     def preprocess(self, data: list[dict]) -> dict:
@@ -286,5 +259,7 @@ class LandmarkHandler:
         for p, row in zip(batch["good"], batch["outputs"], strict=True):
             answer = self.predictor.answer(row, p.k, p.min_precision)
             self._count("unknown" if answer["landmark"] is None else "known")
-            out[p.idx] = json.dumps(answer if p.v2 is None else v2_response(p.v2, self.manifest["model"], answer))
+            model = self.manifest["model"]
+            out[p.idx] = json.dumps(answer) if p.v2 is None else json.dumps(oip.response(
+                str(p.v2.get("id", "")), model["modelName"], model.get("modelVersion"), json.dumps(answer)))
         return [out[i] for i in range(batch["size"])]

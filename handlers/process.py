@@ -20,8 +20,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import httpx
 import psutil
-import requests
 
 from handlers import health
 from handlers.settings import (
@@ -209,7 +209,7 @@ class TorchServe:
                 (d := self.describe(m))["workers"] and all(w["status"] == "READY" for w in d["workers"])
                 for m in self.models
             )
-        except (OSError, KeyError, ValueError, requests.RequestException, TokenError):
+        except (OSError, KeyError, ValueError, httpx.HTTPError, TokenError):
             return False  # not listening yet, no key file yet, or the model still loading
 
     def _state(self) -> dict:

@@ -37,6 +37,17 @@ THREADS = 1  # intra-op threads per worker: config.properties runs one worker pe
 # as it decodes at a reduced scale): 30 s leaves a 15x margin for a full batch on a busy machine.
 RESPONSE_TIMEOUT_S = 30
 
+# The app (app.web), the only service a user reaches, forwards at most this many photos to TorchServe at
+# once; the next one gets an immediate 503 with Retry-After, instead of a wait that grows with the crowd
+# (its thread pool of 40 used to queue every request: p50 2.8 s at 64 clients). A full app holds about
+# APP_MAX_IN_FLIGHT / throughput seconds of work: 32 is 0.8 s at wh13's ~40 requests/s, under the 2 s bar
+# at concurrency 64 with room for the slowest of them, and never reached at 8 or 16 clients. Below
+# TorchServe's own job_queue_size (50) + workers x batch, so the app sheds before TorchServe has to.
+# Measured by make bench-proxy (benchmarks/proxy.py: max wait and 503s through the app at concurrency 64;
+# its figures are generated into the README section "The path users hit").
+APP_MAX_IN_FLIGHT = 32
+RETRY_AFTER_S = 1  # what a shed 503 tells the client: a second is a few batches of work here
+
 
 def read_properties(path: Path) -> dict[str, str]:
     props = {}

@@ -5,21 +5,18 @@ path of the shared real data sets (tests that need them skip with a reason where
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from handlers.process import TorchServe
+from app.process import AppProcess
+from handlers.process import TorchServe, free_ports
 from handlers.settings import CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,9 +89,7 @@ def shared_data() -> Path:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def broken_store(tmp_path: Path) -> Path:
@@ -119,37 +114,15 @@ def serve(store: Path, workdir: Path, config: Path = CONFIG) -> Iterator[TorchSe
 
 
 def start_app(inference_url: str, key_file: Path, log: Path, max_upload_mb: float = 10, *args: str,
-              ) -> tuple[subprocess.Popen, str]:
+              ) -> tuple[AppProcess, str]:
     """``python -m app.web`` on a free port, as ``make app`` runs it, with more of its flags in ``args``;
     its output goes to ``log``."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "TORCHSERVE_TOKEN"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.web", "--port", str(port), "--inference-url", inference_url,
-             "--key-file", str(key_file), "--max-upload-mb", str(max_upload_mb), *args],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app exited with {proc.returncode}: {log.read_text()}")
-        try:
-            if httpx.get(f"{url}/api/config", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError("app did not answer within 60 s")
+    app = AppProcess(inference_url, key_file, log, "--max-upload-mb", str(max_upload_mb), *args).start()
+    return app, app.url
 
 
-def stop_app(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def stop_app(app: AppProcess) -> None:
+    app.stop()
 
 
 @pytest.fixture(scope="module")

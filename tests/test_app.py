@@ -10,8 +10,10 @@ import io
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,9 +22,10 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA, broken_store, free_port, run_module, serve, start_app, stop_app, synthetic_photo
 
+from benchmarks.bad_inputs import bad_inputs, png_bomb
 from handlers import tokens
 from handlers.process import TorchServe
-from handlers.settings import CONFIG
+from handlers.settings import CONFIG, RETRY_AFTER_S, write_properties
 from handlers.tokens import Keys
 from landmark.predict import Predictor
 
@@ -111,18 +114,137 @@ def test_api_predicts_like_local_model_and_keeps_token(app_url: str, served: Tor
     assert httpx.get(f"{app_url}/api/health", timeout=10).json()["server"] == "ok"
 
 
-def test_api_rejects_bad_uploads_with_json(app_url: str, tmp_path: Path) -> None:
-    def post(data: bytes) -> httpx.Response:
-        return httpx.post(f"{app_url}/api/predict", content=data, timeout=60)
-
-    text = post(b"just some notes, not a photo\n")
-    assert text.status_code == 415 and "not an image" in text.json()["error"]
-    assert post(b"").status_code == 400
-    big = post(b"\xff\xd8" + bytes(LIMIT_MB * 1024 * 1024))
-    assert big.status_code == 413 and f"{LIMIT_MB} MB" in big.json()["error"]
+def test_every_bad_upload_gets_the_handlers_json_4xx_through_the_app(app_url: str, served: TorchServe,
+                                                                      tmp_path: Path) -> None:
+    """The app judges no photo itself: each bad body (the soak's corpus, the 40000 x 40000 px PNG bomb of
+    194 kB that once got a 500 from the app, a wrong type) gets through the app the status and JSON the
+    handler gives it directly, sent plainly or chunked without a length; only the size limit is the app's."""
     jpeg = sample_photo(tmp_path).read_bytes()
-    truncated = post(jpeg[: len(jpeg) // 3])  # a JPEG header, then nothing: TorchServe's handler says why
-    assert truncated.status_code == 400 and "truncated" in truncated.json()["error"]
+    bodies = {**bad_inputs(jpeg), "bomb_40000_px": png_bomb(40_000), "wrong_type": b"just some notes\n"}
+
+    def chunked(data: bytes) -> Iterator[bytes]:  # httpx sends an iterator as Transfer-Encoding: chunked
+        yield from (data[i:i + 4096] for i in range(0, len(data), 4096))
+
+    for kind, body in bodies.items():
+        direct = httpx.post(served.url(), content=body, timeout=60,
+                            headers={**served.headers(), "Content-Type": "application/octet-stream"})
+        assert 400 <= direct.status_code < 500 and direct.json()["error"], (kind, direct.text)
+        for how, content in (("plain", body), ("chunked", chunked(body))):
+            r = httpx.post(f"{app_url}/api/predict", content=content, timeout=60)
+            assert (r.status_code, r.json()) == (direct.status_code, direct.json()), (kind, how, r.text)
+            assert r.headers["content-type"] == "application/json"
+    assert "too large" in httpx.post(f"{app_url}/api/predict", content=png_bomb(40_000), timeout=60).json()["error"]
+    good = httpx.post(f"{app_url}/api/predict", content=chunked(jpeg), timeout=60)
+    assert good.status_code == 200 and good.json()["top_k"], good.text
+
+    over = b"\xff\xd8" + bytes(LIMIT_MB * 1024 * 1024)
+    for content in (over, chunked(over)):
+        big = httpx.post(f"{app_url}/api/predict", content=content, timeout=60)
+        assert big.status_code == 413 and f"{LIMIT_MB} MB" in big.json()["error"]
+
+
+def test_the_app_sheds_load_at_once_past_its_limit(served: TorchServe, tmp_path: Path) -> None:
+    """With --max-in-flight 1 and one upload still arriving, the next photo gets an immediate JSON 503 with
+    Retry-After instead of waiting; once the first is done, photos are served again."""
+    jpeg = sample_photo(tmp_path).read_bytes()
+    app, url = start_app(served.inference_url, served.workdir / "key_file.json", tmp_path / "app.log", 10,
+                         "--max-in-flight", "1")
+    release = threading.Event()
+
+    def slow_upload() -> Iterator[bytes]:
+        yield jpeg[:100]
+        release.wait(60)
+        yield jpeg[100:]
+
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(httpx.post, f"{url}/api/predict", content=slow_upload(), timeout=90)
+            deadline = time.monotonic() + 60
+            while httpx.get(f"{url}/api/config", timeout=10).json()["in_flight"] < 1:  # its headers are in
+                assert time.monotonic() < deadline and not first.done(), "the slow upload never reached the app"
+                time.sleep(0.05)
+            shed = httpx.post(f"{url}/api/predict", content=jpeg, timeout=30)
+            release.set()
+            assert first.result().status_code == 200, first.result().text
+        assert shed.status_code == 503 and shed.headers["retry-after"] == str(RETRY_AFTER_S), shed.text
+        assert "at capacity (1 requests in progress)" in shed.json()["error"]
+        assert httpx.post(f"{url}/api/predict", content=jpeg, timeout=30).status_code == 200
+        assert httpx.get(f"{url}/api/config", timeout=10).json()["in_flight"] == 0
+    finally:
+        release.set()
+        stop_app(app)
+
+
+@pytest.fixture(scope="module")
+def full_queue_served(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
+    """A server whose job queue holds one request: a crowd gets TorchServe's own 503s."""
+    work = tmp_path_factory.mktemp("ts_full_queue")
+    config = write_properties(work.parent / "full_queue.properties", CONFIG, {"job_queue_size": 1})
+    yield from serve(store, work, config)
+
+
+def test_torchserves_503_reaches_the_client_as_json_with_retry_after(full_queue_served: TorchServe,
+                                                                     tmp_path: Path) -> None:
+    """The app lets more through than TorchServe queues; TorchServe's 503 comes back JSON with Retry-After."""
+    jpeg = sample_photo(tmp_path).read_bytes()
+    server = full_queue_served
+    app, url = start_app(server.inference_url, server.workdir / "key_file.json", tmp_path / "app.log", 10,
+                         "--max-in-flight", "64")
+    try:
+        with ThreadPoolExecutor(24) as pool:
+            for _ in range(5):  # a crowd of 24 against a queue of 1 and one worker: some are turned away
+                answers = list(pool.map(lambda _: httpx.post(f"{url}/api/predict", content=jpeg, timeout=60),
+                                        range(48)))
+                if any(r.status_code == 503 for r in answers):
+                    break
+    finally:
+        stop_app(app)
+    assert {r.status_code for r in answers} == {200, 503}, [r.text for r in answers if r.status_code != 200]
+    for r in (r for r in answers if r.status_code == 503):
+        assert r.headers["retry-after"] == str(RETRY_AFTER_S) and "TorchServe is at capacity" in r.json()["error"]
+
+
+def test_open_inference_protocol_v2_with_tritonclient(app_url: str, tmp_path: Path) -> None:
+    """KServe / Triton clients reach the model through the app: health, metadata, and infer with the photo as
+    binary tensor data (tritonclient's default), as base64 JSON, or as the bare body with no Content-Type;
+    each answer is the /api/predict answer. Errors are the client's exceptions with the app's message."""
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    jpeg = sample_photo(tmp_path).read_bytes()
+    plain = httpx.post(f"{app_url}/api/predict", content=jpeg, timeout=60).json()
+    client = triton.InferenceServerClient(app_url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("landmark")
+    assert not client.is_model_ready("other")
+    meta = client.get_model_metadata("landmark")
+    assert meta["name"] == "landmark" and meta["versions"] == ["1.0"]
+    assert [(t["name"], t["datatype"]) for t in meta["inputs"] + meta["outputs"]] == [("photo", "BYTES"),
+                                                                                     ("answer", "BYTES")]
+
+    def photo_input(data: object, binary: bool = True):
+        photo = triton.InferInput("photo", [1], "BYTES")
+        photo.set_data_from_numpy(np.array([data], dtype=np.object_), binary_data=binary)
+        return photo
+
+    binary = client.infer("landmark", [photo_input(jpeg)], request_id="r-1")
+    assert binary.get_response()["id"] == "r-1" and binary.get_response()["model_version"] == "1.0"
+    assert json.loads(binary.as_numpy("answer")[0]) == plain
+    as_json = client.infer("landmark", [photo_input(base64.b64encode(jpeg), binary=False)], parameters={"topk": 1},
+                           outputs=[triton.InferRequestedOutput("answer", binary_data=False)])
+    assert json.loads(as_json.as_numpy("answer")[0])["top_k"] == plain["top_k"][:1]
+    bare = httpx.post(f"{app_url}/v2/models/landmark/infer", content=jpeg, timeout=60)
+    assert "content-type" not in bare.request.headers and bare.status_code == 200, bare.text
+    assert json.loads(bare.json()["outputs"][0]["data"][0]) == plain
+
+    with pytest.raises(InferenceServerException, match="not an image"):
+        client.infer("landmark", [photo_input(b"a shopping list, not a photo")])
+    with pytest.raises(InferenceServerException, match=r"topk must be in 1\.\.3"):
+        client.infer("landmark", [photo_input(jpeg)], parameters={"topk": 9})
+    with pytest.raises(InferenceServerException, match="unknown model 'other'"):
+        client.infer("other", [photo_input(jpeg)])
+    no_photo = httpx.post(f"{app_url}/v2/models/landmark/infer", json={"inputs": [
+        {"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}, timeout=30)
+    assert no_photo.status_code == 400 and "v2 request needs one BYTES input" in no_photo.json()["error"]
 
 
 def test_api_reports_server_down(down_app_url: str, tmp_path: Path) -> None:
@@ -145,6 +267,8 @@ def test_api_health_is_not_ok_while_the_model_has_no_ready_worker(tmp_path: Path
                               "--management-url", ts.management_url, "--model", "broken")
         health = httpx.get(f"{url}/api/health", timeout=10).json()
         assert health["server"] == "not_ready" and "broken has no READY worker" in health["error"], health
+        ready = httpx.get(f"{url}/v2/health/ready", timeout=10)
+        assert ready.status_code == 503 and "broken has no READY worker" in ready.json()["error"]
     finally:
         if proc is not None:
             stop_app(proc)

@@ -95,10 +95,12 @@ def test_probes_use_the_ready_worker_check(pod):
 
 def test_probe_commands_exist():
     """The probe and image commands are real subcommands (no server here: they fail, quickly)."""
+    def run(*argv: str) -> int:
+        return server.main(server.get_args_parser().parse_args(["--workdir", "/nonexistent-landmark-workdir", *argv]))
+
     for cmd in ("ready", "live"):
-        assert server.main(["--workdir", "/nonexistent-landmark-workdir", cmd]) == 1
-    assert server.main(["--workdir", "/nonexistent-landmark-workdir", "serve", "--store",
-                        "/nonexistent-landmark-store"]) == 1  # no archive: fails before starting anything
+        assert run(cmd) == 1
+    assert run("serve", "--store", "/nonexistent-landmark-store") == 1  # no archive: fails before starting anything
 
 
 def test_resources_fit_the_measured_memory(pod):

@@ -1,10 +1,12 @@
-"""The soak and the fault runs, short, on the tiny model: a real TorchServe loaded by real Locust,
-workers and servers SIGKILLed for real, a read-only and a full tmpfs under the server's folder.
-The figures of the full runs (``make soak``, ``make faults``) are in the README; here each run must
-judge every request and meet the bars that do not depend on this machine's speed."""
+"""The soak, the fault runs and the proxy benchmark, short, on the tiny model: a real TorchServe and the
+real app in front of it loaded by real Locust, workers and servers SIGKILLed for real, a read-only and a
+full tmpfs under the server's folder. The figures of the full runs (``make soak``, ``make faults``,
+``make bench-proxy``) are in the README; here each run must judge every request and meet the bars that
+do not depend on this machine's speed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -13,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import faults, soak
-from benchmarks.load import own_server
+from benchmarks import faults, proxy, readme, soak, sweep
+from benchmarks.load import own_app, own_server
 from handlers.archive import build
 from handlers.settings import BATCH_SIZE
 
@@ -34,25 +36,31 @@ def test_soak_judges_every_request_and_bad_inputs_get_a_400(tiny_model: Path, ti
     assert sum(n for v in result["outcomes"].values() for n in v.values()) == 20
     assert [w["to"] for w in result["windows"]] == [50, 100, 150, 200] and all(w["p99_ms"] > 0
                                                                               for w in result["windows"])
+    assert result["via"] == "app" and result["app"]["end"]["rss_mb"] > 0  # the path users hit, by default
     assert result["workers_replaced"] == [] and len(result["memory"]["end"]) == 1
     assert all(v["pss_mb"] > 0 for v in result["memory"]["end"].values()) and result["memory"]["trace"]
     assert result_file.with_suffix(".md").read_text().startswith("# Soak: 200 requests")
     assert result_file.with_suffix(".png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("killed", [1, 2], ids=["one-worker", "every-worker"])
+@pytest.mark.parametrize(("killed", "via"), [(1, "torchserve"), (2, "torchserve"), (1, "app")],
+                         ids=["one-worker", "every-worker", "one-worker-through-the-app"])
 def test_a_killed_worker_fails_only_its_batch_and_is_back(tiny_model: Path, tiny_data: Path, tmp_path: Path,
-                                                          killed: int) -> None:
+                                                          killed: int, via: str) -> None:
     photos = sorted((tiny_data / "test").rglob("*.jpg"))
     args = Namespace(requests=600, kill_after=1.5, concurrency=8, after_requests=100)
-    with own_server(tiny_model, workers=2) as server:
-        r = faults.kill_workers_under_load(server, photos, args, tmp_path, killed)
-    print(f"\n{killed} of 2 workers SIGKILLed: {r['failed']} failed of {r['in_flight_at_kill']} in flight, "
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(own_server(tiny_model, workers=2))
+        app = stack.enter_context(own_app(server, tmp_path / "app")) if via == "app" else None
+        r = faults.kill_workers_under_load(server, photos, args, tmp_path, killed, app)
+    print(f"\n{killed} of 2 workers SIGKILLed ({via}): {r['failed']} failed of {r['in_flight_at_kill']} in flight, "
           f"back in {r['recovery_s']:.1f} s")
     assert r["failed"] <= BATCH_SIZE * killed, r["failed_examples"]
     # TorchServe answers 507 when it has already read the worker's exit status 137, 500 when the socket
-    # closed first (WorkerThread's finally block): the same "Worker died." either way, and a race.
-    assert all(e["status"] in (500, 507) and "Worker died" in e["error"] for e in r["failed_examples"]), \
+    # closed first (WorkerThread's finally block): the same "Worker died." either way, and a race. The app
+    # says 502 (its gateway failed) with TorchServe's words.
+    statuses = (500, 507) if via == "torchserve" else (502,)
+    assert all(e["status"] in statuses and "Worker died" in e["error"] for e in r["failed_examples"]), \
         [(e["status"], e["error"]) for e in r["failed_examples"]]
     assert r["recovery_s"] is not None and r["recovery_s"] <= faults.RECOVERY_BAR_S
     assert r["failed_after_recovery"] == 0 and r["requests_after_recovery"] >= args.after_requests
@@ -85,3 +93,58 @@ def test_a_read_only_or_full_server_folder_fails_at_once_naming_it(tiny_model: P
     assert "No space left on device" in r["full_disk"]["message"]
     assert "MB free in the server folder" in r["nearly_full"]["message"]
     assert all(c["pass"] and c["rc"] == 1 and c["seconds"] < 30 and c["processes_left"] == [] for c in r.values()), r
+
+
+def test_proxy_benchmark_loads_both_paths_in_one_run_and_writes_the_readme(tiny_model: Path, tiny_data: Path,
+                                                                           tmp_path: Path) -> None:
+    """The same JPEG at 8, 16 and 64 clients straight to TorchServe and through the app (limited to 8 in
+    flight), the in-process ceiling, the bars judged, the result files and the README section written."""
+    page = tmp_path / "README.md"
+    begin, end = readme.markers("proxy")
+    page.write_text(f"# title\n\n{begin}\nold figures\n{end}\n\nafter\n")
+    photo = sorted((tiny_data / "test").rglob("*.jpg"))[0]
+    args = proxy.get_args_parser().parse_args([
+        "--model-dir", str(tiny_model), "--concurrency", "8", "16", "64", "--requests", "64", "--workers", "1",
+        "--max-in-flight", "8", "--photo", str(photo), "--batch", "4", "--inprocess-budget", "0.5",
+        "--readme", str(page), "--out-dir", str(tmp_path)])
+    assert proxy.main(args) == 0
+    [out] = tmp_path.glob("proxy-*.json")
+    result = json.loads(out.read_text())
+    levels = {(lv["via"], lv["concurrency"]): lv for lv in result["levels"]}
+    assert list(levels) == [(via, c) for c in (8, 16, 64) for via in ("torchserve", "app")]
+    assert all(lv["requests"] == 64 and lv["max_wait_ms"] > 0 for lv in levels.values())
+    for key in (("torchserve", 8), ("torchserve", 16), ("app", 8)):  # under TorchServe's queue and the app's limit
+        assert levels[key]["statuses"] == {"200": 64} and levels[key]["p50_ms"] > 0, levels[key]
+    for c in (16, 64):  # past the app's limit: photos or JSON 503s that say when to retry, nothing else
+        lv = levels[("app", c)]
+        assert set(lv["statuses"]) <= {"200", "503"} and lv["ok"] > 0, lv
+        assert lv["shed"]["retry_after"] == lv["shed"]["json"] == lv["shed"]["count"], lv["shed"]
+    assert all(lv["app_cpu_ms_per_request"] > 0 for (via, _), lv in levels.items() if via == "app")
+    ref = result["inprocess"]
+    assert ref["model_only"]["images_per_s"] > 0 and ref["end_to_end"]["photos_per_s"] > 0
+    assert ref["end_to_end"]["processes"] == result["server"]["workers"] == 1
+    v = result["verdict"]
+    assert all(isinstance(x, float) for x in v["measured"].values()), v
+    assert v["passed"]["app_errors_c8"] is True and v["passed"]["app_503_json_retry_after_c64"] is True
+    assert out.with_suffix(".md").read_text().startswith("# The path users hit")
+    text = page.read_text()
+    assert text.startswith(f"# title\n\n{begin}\nGenerated by `make bench-proxy` from `benchmarks/results/{out.name}`")
+    assert "| through the app, c=64 |" in text and "old figures" not in text and text.endswith(f"{end}\n\nafter\n")
+
+
+def test_sweep_grid_takes_threads_and_its_readme_section_is_generated(tmp_path: Path) -> None:
+    assert sweep.grid_cell("2,4,5,1") == (2, 4, 5, 1)
+    for bad in ("2,4,5", "0,1,1,1", "1,1,-1,1", "a,b,c,d"):
+        with pytest.raises(Exception, match="workers"):
+            sweep.grid_cell(bad)
+    page = tmp_path / "README.md"
+    page.write_text("no markers here\n")
+    assert not readme.write_section(page, "sweep", "figures") and page.read_text() == "no markers here\n"
+    result = {"machine": {"cpu": "cpu", "cores_logical": 2}, "started_at": "t", "model_dir": "m", "backend": "onnx",
+              "settings": {"requests": 10, "concurrency": 8},
+              "grid": [{"workers": 1, "batch_size": 2, "max_batch_delay": 1, "threads": 2, "ok_per_s": 3.0,
+                        "p50_ms": 4.0, "p99_ms": 5.0, "worker_pss_mb": [6.0]}]}
+    begin, end = readme.markers("sweep")
+    page.write_text(f"{begin}\n{end}\n")
+    assert readme.write_section(page, "sweep", sweep.readme_section(result, "sweep-x.json"))
+    assert "| 1 | 2 | 1 | 2 | 3.0 | 4 | 5 | 6 |" in page.read_text()

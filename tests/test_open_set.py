@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
-import requests
 from conftest import run_module, serve, start_app, stop_app
 
 from handlers.archive import build
@@ -160,7 +160,7 @@ def test_served_decisions_equal_offline(served: TorchServe, model: Path, sets: d
     photos = sorted(p for p in sets["unknown"].rglob("*") if p.is_file())[:8] + sorted(
         (sets["known"] / "test").rglob("*.jpg"))[::6]
     for path in photos:
-        r = requests.post(served.url(), data=path.read_bytes(), timeout=60,
+        r = httpx.post(served.url(), content=path.read_bytes(), timeout=60,
                           headers={**served.headers(), "Content-Type": "application/octet-stream"})
         assert r.status_code == 200, r.text
         offline = predictor.predict([path])[0]

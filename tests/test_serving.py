@@ -18,17 +18,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import numpy as np
 import psutil
 import pytest
-import requests
 from conftest import ROOT, broken_store, synthetic_photo
 from PIL import Image
 
 from benchmarks.bad_inputs import bad_inputs, png_bomb
 from handlers.archive import PACKAGE, build
+from handlers.control import ready as ready_command
 from handlers.process import TorchServe, free_ports
-from handlers.server import ready as ready_command
 from handlers.settings import BATCH_SIZE, MAX_BATCH_DELAY_MS, config_ports, read_properties
 from handlers.tokens import Keys, TokenError
 from landmark.predict import Predictor
@@ -83,14 +83,14 @@ def predictors(tiny_model: Path) -> dict[str, Predictor]:
     return {m: Predictor.from_dir(tiny_model, b, device="cpu", threads=1) for m, b in MODELS.items()}
 
 
-def post(server: TorchServe, model: str, body: bytes, content_type: str = "image/jpeg", **kwargs) -> requests.Response:
+def post(server: TorchServe, model: str, body: bytes, content_type: str = "image/jpeg", **kwargs) -> httpx.Response:
     headers = {**server.headers(), "Content-Type": content_type, **kwargs.pop("headers", {})}
-    return requests.post(server.url(model), data=body, headers=headers, timeout=30, **kwargs)
+    return httpx.post(server.url(model), content=body, headers=headers, timeout=30, **kwargs)
 
 
 def scrape(server: TorchServe) -> list[tuple[str, dict[str, str], float]]:
     """(name, labels, value) of every Landmark* sample on the Prometheus endpoint."""
-    text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
+    text = httpx.get(f"{server.metrics_url}/metrics", timeout=10).text
     samples = []
     for line in text.splitlines():
         if line.startswith("Landmark"):
@@ -104,7 +104,7 @@ def metric(samples: list, name: str, **labels: str) -> float:
     return sum(v for n, lab, v in samples if n == name and labels.items() <= lab.items())
 
 
-def assert_error(r: requests.Response, status: int = 400) -> str:
+def assert_error(r: httpx.Response, status: int = 400) -> str:
     assert r.status_code == status, r.text
     assert r.headers["Content-Type"].startswith("application/json")
     return r.json()["error"]
@@ -223,10 +223,10 @@ def test_server_settings(server: TorchServe) -> None:
     info = server.describe("landmark_onnx")
     assert (info["batchSize"], info["maxBatchDelay"]) == (BATCH_SIZE, MAX_BATCH_DELAY_MS)
     assert server.cold_start_s < COLD_START_S
-    metrics = requests.get(f"{server.metrics_url}/metrics", timeout=10)
+    metrics = httpx.get(f"{server.metrics_url}/metrics", timeout=10)
     assert metrics.status_code == 200 and "# TYPE" in metrics.text
     for model, backend in MODELS.items():  # the handler's own describe, on the management API
-        r = requests.get(f"{server.management_url}/models/{model}", params={"customized": "true"},
+        r = httpx.get(f"{server.management_url}/models/{model}", params={"customized": "true"},
                          headers=server.management_headers(), timeout=30)
         assert r.status_code == 200, r.text
         custom = r.json()[0]["customizedMetadata"]
@@ -264,12 +264,12 @@ def test_topk_from_query_form_json_and_header(server: TorchServe, jpeg: bytes) -
     answers = [
         post(server, "landmark_onnx", jpeg, headers={"x-topk": "1"}),
         # TorchServe passes the query string to the handler on these two endpoints (not on /predictions)
-        requests.post(f"{base}/invocations", params={"model_name": "landmark_onnx", "topk": 1}, data=jpeg,
+        httpx.post(f"{base}/invocations", params={"model_name": "landmark_onnx", "topk": 1}, content=jpeg,
                       headers={**auth, "Content-Type": "image/jpeg"}, timeout=30),
-        requests.post(f"{base}/landmark_onnx/predict", params={"topk": 1}, data=jpeg,
+        httpx.post(f"{base}/landmark_onnx/predict", params={"topk": 1}, content=jpeg,
                       headers={**auth, "Content-Type": "image/jpeg"}, timeout=30),
-        requests.post(server.url("landmark_onnx"), files={"data": jpeg}, data={"topk": "1"}, headers=auth, timeout=30),
-        requests.post(server.url("landmark_onnx"), json={"data": base64.b64encode(jpeg).decode(), "topk": 1},
+        httpx.post(server.url("landmark_onnx"), files={"data": jpeg}, data={"topk": "1"}, headers=auth, timeout=30),
+        httpx.post(server.url("landmark_onnx"), json={"data": base64.b64encode(jpeg).decode(), "topk": 1},
                       headers=auth, timeout=30),
     ]
     assert [r.status_code for r in answers] == [200] * len(answers), [r.text for r in answers]
@@ -279,8 +279,8 @@ def test_topk_from_query_form_json_and_header(server: TorchServe, jpeg: bytes) -
 @pytest.mark.parametrize("k", ["0", "4", "-1", "abc", "2.5", ""])
 def test_topk_out_of_range_is_400(server: TorchServe, jpeg: bytes, k: str) -> None:
     assert "topk" in assert_error(post(server, "landmark_onnx", jpeg, headers={"X-Topk": k}))
-    query = requests.post(f"{server.inference_url}/invocations", params={"model_name": "landmark_ts", "topk": k},
-                          data=jpeg, headers={**server.headers(), "Content-Type": "image/jpeg"}, timeout=30)
+    query = httpx.post(f"{server.inference_url}/invocations", params={"model_name": "landmark_ts", "topk": k},
+                          content=jpeg, headers={**server.headers(), "Content-Type": "image/jpeg"}, timeout=30)
     assert "topk" in assert_error(query)
 
 
@@ -291,9 +291,9 @@ def test_every_body_encoding_gives_the_same_answer(server: TorchServe, jpeg: byt
     answers = [
         post(server, "landmark_onnx", jpeg),  # raw body (curl -T)
         post(server, "landmark_onnx", jpeg, "application/octet-stream"),
-        requests.post(url, files={"data": ("p.jpg", jpeg, "image/jpeg")}, headers=auth, timeout=30),  # multipart
-        requests.post(url, files={"image": ("p.jpg", jpeg)}, data={"topk": "3"}, headers=auth, timeout=30),
-        requests.post(url, json={"data": b64}, headers=auth, timeout=30),  # JSON {"data": base64}
+        httpx.post(url, files={"data": ("p.jpg", jpeg, "image/jpeg")}, headers=auth, timeout=30),  # multipart
+        httpx.post(url, files={"image": ("p.jpg", jpeg)}, data={"topk": "3"}, headers=auth, timeout=30),
+        httpx.post(url, json={"data": b64}, headers=auth, timeout=30),  # JSON {"data": base64}
         post(server, "landmark_onnx", b64.encode(), "text/plain"),  # a bare base64 string
         post(server, "landmark_onnx", f"data:image/jpeg;base64,{b64}".encode(), "text/plain"),
         post(server, "landmark_onnx", base64.urlsafe_b64encode(jpeg), "application/octet-stream"),
@@ -343,7 +343,7 @@ def test_every_bad_input_is_a_json_400(server: TorchServe, model: str, jpeg: byt
         error = assert_error(post(server, model, data, "application/octet-stream"))
         assert error, kind
     assert "too large" in assert_error(post(server, model, png_bomb(), "image/png"))
-    no_data = requests.post(server.url(model), json={"image_url": 1}, headers=server.headers(), timeout=30)
+    no_data = httpx.post(server.url(model), json={"image_url": 1}, headers=server.headers(), timeout=30)
     assert "JSON body needs" in assert_error(no_data)
     assert post(server, model, jpeg).status_code == 200
     assert server.worker_pids(model) == pids
@@ -368,17 +368,17 @@ def test_bad_item_in_a_batch_gets_its_own_400(server: TorchServe, jpeg: bytes) -
 
 def test_token_required_and_management_closed(server: TorchServe, jpeg: bytes) -> None:
     for headers in ({}, {"Authorization": "Bearer wrong"}, server.management_headers()):
-        r = requests.post(server.url("landmark_onnx"), data=jpeg, headers={"Content-Type": "image/jpeg", **headers},
+        r = httpx.post(server.url("landmark_onnx"), content=jpeg, headers={"Content-Type": "image/jpeg", **headers},
                           timeout=30)
         assert r.status_code in (400, 401, 403) and r.json()["type"] == "InvalidKeyException", r.text
-    assert requests.get(f"{server.management_url}/models", timeout=10).status_code in (400, 401, 403)
+    assert httpx.get(f"{server.management_url}/models", timeout=10).status_code in (400, 401, 403)
     mgmt = server.management_headers()
-    register = requests.post(f"{server.management_url}/models", params={"url": "landmark_onnx.mar"}, headers=mgmt,
+    register = httpx.post(f"{server.management_url}/models", params={"url": "landmark_onnx.mar"}, headers=mgmt,
                              timeout=10)
-    unregister = requests.delete(f"{server.management_url}/models/landmark_onnx", headers=mgmt, timeout=10)
+    unregister = httpx.delete(f"{server.management_url}/models/landmark_onnx", headers=mgmt, timeout=10)
     assert [register.status_code, unregister.status_code] == [405, 405]
     # enable_model_api=false leaves worker scaling open, to management-key holders only
-    scale = requests.put(f"{server.management_url}/models/landmark_onnx", params={"min_worker": 3}, timeout=10)
+    scale = httpx.put(f"{server.management_url}/models/landmark_onnx", params={"min_worker": 3}, timeout=10)
     assert scale.status_code in (400, 401, 403) and scale.json()["type"] == "InvalidKeyException"
     assert server.describe("landmark_onnx")["workers"]  # still served
     old = server.headers()
@@ -533,8 +533,8 @@ def test_handler_metrics_on_the_prometheus_endpoint(server: TorchServe, jpeg: by
 
 
 def test_oip_v2_infer_over_rest_answers_like_predictions(server: TorchServe, jpeg: bytes) -> None:
-    def infer(body: dict) -> requests.Response:
-        return requests.post(f"{server.inference_url}/v2/models/landmark_onnx/infer", json=body,
+    def infer(body: dict) -> httpx.Response:
+        return httpx.post(f"{server.inference_url}/v2/models/landmark_onnx/infer", json=body,
                              headers=server.headers(), timeout=30)
 
     photo = {"name": "photo", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(jpeg).decode()]}

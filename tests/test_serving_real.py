@@ -14,8 +14,8 @@ import os
 import time
 from pathlib import Path
 
+import httpx
 import pytest
-import requests
 from conftest import run_module
 
 from handlers.archive import build
@@ -49,7 +49,7 @@ def test_served_offline_and_tagger_decide_alike_on_real_photos(shared_data: Path
         for name, backend in BACKENDS.items():
             same, t0 = 0, time.perf_counter()
             for path in photos:
-                r = requests.post(server.url(name), data=path.read_bytes(), timeout=60,
+                r = httpx.post(server.url(name), content=path.read_bytes(), timeout=60,
                                   headers={**server.headers(), "Content-Type": "image/jpeg", "X-Topk": "1"})
                 assert r.status_code == 200, (path, r.text)
                 served, want = r.json(), answers[backend][path]
