@@ -24,10 +24,11 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks.report import p50
 from landmark import atomic
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"(<!-- make report: (?P<kind>[\w-]+)(?P<sources>(?: [^\s>]+)*) -->)(?P<body>.*?)"
+BLOCK = re.compile(r"(<!-- make report:\s+(?P<kind>[\w-]+)(?P<sources>(?:\s+[^\s>]+)*?)\s*-->)(?P<body>.*?)"
                    r"(<!-- end make report -->)", re.DOTALL)
 BACKEND_NAMES = {"onnx": "ONNX FP32", "onnx-int8": "ONNX INT8", "torchscript": "TorchScript"}
 
@@ -95,7 +96,31 @@ def ci_time(sources: list[Path], results: list[dict]) -> str:
     return f"{result['seconds'] / 60:.0f} min on {result['cpus']} CPUs, {_name(path)}"
 
 
-RENDERERS: dict[str, Callable[[list[Path], list[dict]], str]] = {"serving": serving, "ci-time": ci_time}
+def int8_speedup(sources: list[Path], results: list[dict]) -> str:
+    """INT8 over FP32 ONNX Runtime p50, per model and batch size of a ``make bench`` result, inline."""
+    [path], [result] = sources, results
+    parts = []
+    for model in result["models"]:
+        speedups = [(c["batch"], fp32 / c["p50_ms"]) for row in model.get("backends", [])
+                    if row["backend"] == "onnx-int8" and row["status"] == "ok" for c in row["cells"]
+                    if (fp32 := p50(model, "onnx-cpu", c["batch"])) is not None]
+        if speedups:
+            parts.append(" / ".join(f"{x:.2f}x" for _, x in speedups) + f" on {model['name']}")
+    batches = " / ".join(str(b) for b, _ in speedups)
+    return f"INT8 p50 over FP32 at batch {batches}: {', '.join(parts)} ({_name(path)})"
+
+
+def served_overhead(sources: list[Path], results: list[dict]) -> str:
+    """The served endpoint of a ``make bench`` result against the same work in process, inline."""
+    [path], [result] = sources, results
+    served = result["served"]
+    pss = " / ".join(f"{w['pss_mb']:.0f}" for w in served["workers"].values())
+    return (f"p50 at concurrency 1 is {served['served_over_inprocess']:.2f}x the in-process cost, worker PSS "
+            f"{pss} MB ({_name(path)})")
+
+
+RENDERERS: dict[str, Callable[[list[Path], list[dict]], str]] = {
+    "serving": serving, "ci-time": ci_time, "int8-speedup": int8_speedup, "served-overhead": served_overhead}
 
 
 def render(text: str, root: Path) -> str:
