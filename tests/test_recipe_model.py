@@ -32,6 +32,8 @@ BACKENDS = {"landmark_onnx": "onnx", "landmark_ts": "torchscript", "landmark_int
 # CI's model trains one epoch to fit CI's time, and its INT8 copy loses 2 of 207 test photos: the default
 # 0.5-point gate is for published models (tests/test_quantize.py proves it refuses), this one serves INT8
 QUANT_ARGS = "QUANT_ARGS=--calibration-photos 64 --max-drop 2"
+# the first test pays for the session's training, quantizing and 2,400 answers: a bound on a hang, not a speed
+pytestmark = pytest.mark.timeout(3600)
 
 
 @pytest.fixture(scope="session")
