@@ -25,10 +25,13 @@ MODEL_NAME ?= landmark
 MODEL_VERSION ?= 1.0
 BACKEND ?= onnx
 MODEL_STORE ?= model_store
+# flags of `python -m handlers.server` before its command (SERVER_ARGS="--workdir /tmp/ts": another server's
+# folder), and more flags of its start (SERVE_ARGS="--config my.properties": other ports)
+SERVER_ARGS ?=
+SERVE_ARGS ?=
 IMG ?= ../shared/data/udacity_samples/16.Eiffel_Tower/3828627c8730f160.jpg
-# the first test photo of the model's own data set (its folder read from the metadata once it is trained)
-DEMO_IMG ?= $(shell $(PY) -c "from pathlib import Path; from landmark.run_files import read_meta; \
-	print(min(Path(read_meta('$(MODEL_DIR)').model.data_dir, 'test').rglob('*.jpg'), default=''))" 2>/dev/null)
+# make demo's refused photo: the first of IMG and these folders' photos that the model does not tag
+DEMO_UNKNOWN ?= ../shared/data/everyday/test
 # empty TOPK: the server's default k (5, or every class where the model has fewer)
 TOPK ?=
 APP_PORT ?= 8000
@@ -51,6 +54,7 @@ NPROC ?= 1
 TORCHRUN_ARGS ?= --standalone
 TRAINER = $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun $(TORCHRUN_ARGS) --nproc-per-node $(NPROC),$(PY))
 SOAK_ARGS ?=
+REPORT_ARGS ?=
 # the venv TorchServe runs from: .venv, or `make serve-venv`'s with the CPU-only torch build on this
 # machine's disk (2.13.0; the image takes 2.14.1 from PyTorch's CPU index, deploy/Dockerfile)
 SERVE_VENV ?= $(VENV)
@@ -66,7 +70,8 @@ IMAGE ?= landmark:$(MODEL_VERSION)
 MAR ?= $(MODEL_STORE)/$(MODEL_NAME).mar
 
 .PHONY: help install data train train-scratch train-transfer ensemble export quantize eval-open-set archive serve ready bench-decode bench-proxy \
-	predict stop serve-venv bench bench-index index exiftool gpu-pack gpu-check soak sweep faults app tag tag-distributed image browser-deps test lint demo clean
+	predict stop serve-venv bench bench-index index exiftool gpu-pack gpu-check soak sweep faults app tag tag-distributed image browser-deps test lint demo \
+	report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-15s %s\n", $$1, $$2}'
@@ -107,7 +112,7 @@ archive: $(STAMP)  ## build model_store/landmark.mar from a run folder (MODEL_DI
 		--version $(MODEL_VERSION) --store "$(MODEL_STORE)" --force $(if $(INDEX),--index "$(INDEX)") $(ARCHIVE_ARGS)
 
 serve: $(STAMP)  ## start TorchServe with the archive and wait until its worker is READY (SERVE_VENV=.venv-serve: lean)
-	$(SERVE_VENV)/bin/python -m handlers.server start --store "$(MODEL_STORE)" --name $(MODEL_NAME)
+	$(SERVE_VENV)/bin/python -m handlers.server $(SERVER_ARGS) start --store "$(MODEL_STORE)" --name $(MODEL_NAME) $(SERVE_ARGS)
 
 serve-venv: $(SERVE_STAMP)  ## .venv-serve: TorchServe with a CPU-only torch, so each worker holds about half the memory
 
@@ -118,13 +123,13 @@ $(SERVE_STAMP): deploy/requirements.txt
 	touch $@
 
 ready: $(STAMP)  ## exit 0 while the served model has a READY worker, else 1 and why (/ping cannot tell)
-	$(PY) -m handlers.server ready
+	$(PY) -m handlers.server $(SERVER_ARGS) ready
 
 predict: $(STAMP)  ## top-k landmarks for IMG from the running server
-	$(PY) -m handlers.server predict "$(IMG)" $(if $(TOPK),--topk $(TOPK))
+	$(PY) -m handlers.server $(SERVER_ARGS) predict "$(IMG)" $(if $(TOPK),--topk $(TOPK))
 
 stop: $(STAMP)  ## stop the TorchServe started by make serve
-	$(PY) -m handlers.server stop
+	$(PY) -m handlers.server $(SERVER_ARGS) stop
 
 bench: $(STAMP)  ## latency benchmarks: eager / TorchScript / ONNX Runtime CPU+CUDA, and the served endpoint
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
@@ -187,6 +192,9 @@ test: $(STAMP) browser-deps  ## the full test suite (what .ci/run runs)
 lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check .
 
+report: $(STAMP)  ## rewrite README.md's generated tables from the committed results JSON they name (REPORT_ARGS=--check)
+	$(PY) -m benchmarks.readme $(REPORT_ARGS)
+
 # the generic recipes train on DATA_DIR (downloaded if missing); a data set's recipe names its own folder
 GENERIC = $(filter scratch transfer,$(RECIPE))
 
@@ -195,8 +203,9 @@ demo: $(STAMP)  ## the main job: train + export RECIPE (if not done) -> archive 
 	[ -f "$(MODEL_DIR)/model_meta.json" ] || \
 		$(MAKE) train OUT=$(MODEL_DIR) $(if $(GENERIC),DATA_DIR="$(DATA_DIR)")  # rm -r it to retrain
 	$(MAKE) archive serve
-	[ -z "$(DEMO_IMG)" ] || $(MAKE) predict IMG="$(DEMO_IMG)"  # a landmark the model knows
-	$(MAKE) predict IMG="$(IMG)"  # a Udacity sample photo: known to a Udacity model, else "no known landmark"
+	@echo "make demo: a test photo the model tags with its landmark and place, and a photo it refuses:"
+	@picked="$$($(PY) -m train.demo_photos --model-dir "$(MODEL_DIR)" --unknown $(DEMO_UNKNOWN) -- "$(IMG)")"; \
+		readarray -t photos <<< "$$picked"; $(PY) -m handlers.server $(SERVER_ARGS) predict "$${photos[@]}"
 	@echo "TorchServe is running: make app for the web page, make stop to stop it"
 
 clean:  ## remove built archives and server state (keeps .venv, data/ and artifacts/)

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import httpx
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from app import xmp
 from app.client import ServeError, ServeTarget, add_target_args, parse_answer, target_from_args, unreachable
@@ -36,6 +35,7 @@ from app.exif import SUPPORTED_FORMATS, has_gps, with_gps
 from landmark import atomic
 from landmark.cli import non_negative_int, positive_float, precision
 from landmark.preprocess import ImageError
+from landmark.progress import progress_bar, write
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".heic", ".heif"}
 REPORT_JSON, REPORT_CSV = "tag_report.json", "tag_report.csv"
@@ -346,7 +346,7 @@ class Progress:
     def add(self, record: dict) -> None:
         self.records[record["path"]] = record
         if record["error"]:
-            tqdm.write(f"skipped {record['path']}: {record['error']}", file=sys.stderr)
+            write(f"skipped {record['path']}: {record['error']}", file=sys.stderr)
         self.added += 1
         if self.added % SAVE_EVERY == 0:
             self.save()
@@ -392,7 +392,7 @@ def run(args: argparse.Namespace) -> dict:
     except OSError as e:
         raise Abort(f"cannot write to {dst}: {e.strerror or e}") from None
     try:
-        for rel in tqdm(progress.todo, desc="tagging", unit="photo", disable=not progress.todo):
+        for rel in progress_bar(progress.todo, desc="tagging", unit="photo", disable=not progress.todo):
             progress.add(tag_one(rel, src, dst, predict, policy))
     except Abort as e:
         raise progress.stopped(e) from e.__cause__

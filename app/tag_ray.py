@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from app.tag import (
     PHOTO_ERRORS,
@@ -50,6 +49,7 @@ from app.tag import (
 )
 from landmark.cli import non_negative_int, positive_float, positive_int, precision
 from landmark.preprocess import DEFAULT_MAX_PIXELS, PreprocessConfig, load_input
+from landmark.progress import progress_bar
 from landmark.run_files import MODEL_FILES, model_file, read_meta
 
 Batch = dict[str, np.ndarray]  # a Ray Data batch in "numpy" format: column -> values
@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         start_ray(args)
         ready = time.monotonic()
-        with tqdm(total=len(progress.todo), desc="tagging", unit="photo") as bar:
+        with progress_bar(total=len(progress.todo), desc="tagging", unit="photo") as bar:
             for row in pipeline(progress.todo, args, meta.preprocess).iter_rows():
                 record = json.loads(row["record"])
                 if record.get("stop"):

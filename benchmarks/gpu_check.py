@@ -260,16 +260,16 @@ def served_unavailable() -> str | None:
 
 def served_answers(server, name: str, bodies: list[bytes]) -> tuple[dict, list[dict]]:
     """The worker's own describe (device, providers) and the served answer of each body."""
-    import requests
+    import httpx
 
-    r = requests.get(f"{server.management_url}/models/{name}", params={"customized": "true"},
+    r = httpx.get(f"{server.management_url}/models/{name}", params={"customized": "true"},
                      headers=server.management_headers(), timeout=60)
     r.raise_for_status()
     described = r.json()[0]["customizedMetadata"]
     described = json.loads(described) if isinstance(described, str) else described
     answers = []
     for body in bodies:
-        resp = requests.post(server.url(name), data=body, timeout=60,
+        resp = httpx.post(server.url(name), content=body, timeout=60,
                              headers={**server.headers(), "Content-Type": "image/jpeg"})
         answers.append(resp.json() if resp.status_code == 200 else {"error": f"HTTP {resp.status_code}: {resp.text}"})
     return described, answers

@@ -270,7 +270,7 @@ def main(args: argparse.Namespace) -> int:
     result["verdict"] = verdict(result)
     stem = publish(args.out_dir, "proxy", t0, result, markdown(result))
     if args.readme is not None:
-        write_section(args.readme, "proxy", readme_section(result, stem.with_suffix(".json").name))
+        write_section(args.readme, "proxy", stem.with_suffix(".json"))
     return 0
 
 

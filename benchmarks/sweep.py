@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         result.update(sweep(args, Path(tmp)))
     stem = publish(args.out_dir, "sweep", t0, result, markdown(result))
     if args.readme is not None and result["grid"]:
-        write_section(args.readme, "sweep", readme_section(result, stem.with_suffix(".json").name))
+        write_section(args.readme, "sweep", stem.with_suffix(".json"))
     return 0
 
 

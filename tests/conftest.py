@@ -5,11 +5,13 @@ path of the shared real data sets (tests that need them skip with a reason where
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -17,10 +19,13 @@ from PIL import Image
 
 from app.process import AppProcess
 from handlers.process import TorchServe, free_ports
-from handlers.settings import CONFIG
+from handlers.settings import CONFIG, PORT_KEYS, base_url, write_properties
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# set by .ci/run: CI always has the real photo sets, so a test that finds one missing fails instead of skipping
+REQUIRE_DATA = os.environ.get("LANDMARK_REQUIRE_DATA") == "1"
+VENV = Path(sys.executable).parent.parent  # the venv running the tests: `make` runs its commands with it too
 # Udacity-style names: a numeric prefix, underscores, and a folder with spaces.
 TINY_CLASSES = ["09.Golden_Gate_Bridge", "16.Eiffel_Tower", "taj mahal"]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -61,6 +66,22 @@ def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.Comp
                           timeout=timeout)
 
 
+def run_make(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``make args`` in the repository root with this venv, as the README says to run it. Its install
+    stamp is a fresh file, so neither make nor a sub-make reinstalls the venv the tests run in."""
+    stamp = Path(os.environ.get("TMPDIR", "/tmp")) / f"landmark-tests-{os.getpid()}.installed"
+    stamp.touch()
+    return subprocess.run(["make", "--no-print-directory", f"VENV={VENV}", f"STAMP={stamp}", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def missing_data(reason: str) -> NoReturn:
+    """Skip for want of ../shared/data, or fail under .ci/run (LANDMARK_REQUIRE_DATA=1), which always has it."""
+    if REQUIRE_DATA:
+        pytest.fail(f"{reason}: .ci/run needs it (LANDMARK_REQUIRE_DATA=1)")
+    pytest.skip(reason)
+
+
 TINY_TRAIN_ARGS = ("--arch", "scratch", "--input-size", "32", "--epochs", "8", "--widths", "8,16",
                    "--depths", "1,1", "--batch-size", "16", "--lr", "3e-3", "--threads", "1")
 
@@ -84,12 +105,21 @@ def tiny_model(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real photo sets not found at {SHARED_DATA} (../shared/data beside the repository)")
+        missing_data(f"real photo sets not found at {SHARED_DATA} (../shared/data beside the repository)")
     return SHARED_DATA
 
 
 def free_port() -> int:
     return free_ports(1)[0]
+
+
+def free_port_config(path: Path, **overrides: object) -> Path:
+    """serve_config/config.properties on free loopback ports (plus ``overrides``), written to ``path``: a
+    server started from it by ``make serve SERVE_ARGS="--config <path>"`` never meets another one."""
+    ports = dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS)), strict=True))
+    addresses = {key: base_url(ports[name]) if key.endswith("_address") else ports[name]
+                 for name, key in PORT_KEYS.items()}
+    return write_properties(path, CONFIG, {**addresses, **overrides})
 
 
 def broken_store(tmp_path: Path) -> Path:

@@ -295,8 +295,8 @@ def test_tagger_served_mode_matches_local(served: TorchServe, tiny_model: Path, 
         mine = rows["served"][path]
         assert (mine["landmark"], mine["action"], mine["reason"]) == (local["landmark"], local["action"],
                                                                        local["reason"]), path
-        if local.get("probability") is not None:
-            assert mine["probability"] == pytest.approx(local["probability"], abs=1e-5)
+        if local["action"] != "error":  # an unreadable photo has no answer, so no probability
+            assert mine["probability"] == pytest.approx(local["probability"], abs=1e-5), path
     again = run_module("app.tag", *common, "--dst", str(tmp_path / "served"), "--inference-url",
                        served.inference_url, "--key-file", str(served.workdir / "key_file.json"))
     assert again.returncode == 0 and "0 to tag" in again.stderr, again.stderr[-3000:]

@@ -22,20 +22,20 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from conftest import ROOT, broken_store, synthetic_photo
+from conftest import ROOT, broken_store, free_port_config, missing_data, synthetic_photo
 from PIL import Image
 
 from benchmarks.bad_inputs import bad_inputs, png_bomb
 from handlers.archive import PACKAGE, build
 from handlers.control import ready as ready_command
-from handlers.process import TorchServe, free_ports
+from handlers.process import TorchServe
 from handlers.settings import BATCH_SIZE, MAX_BATCH_DELAY_MS, config_ports, read_properties
 from handlers.tokens import Keys, TokenError
 from landmark.predict import Predictor
 from landmark.run_files import MODEL_FILES
 
 MODELS = {"landmark_onnx": "onnx", "landmark_ts": "torchscript"}
-COLD_START_S = 60  # the bound test_server_settings asserts; the fixture waits three times as long
+START_TIMEOUT_S = 180  # a bound on a hang, not a speed: the cold start's figure is make bench's (served section)
 N_CLASSES = 3
 RECOVERY_S = 90  # bound on TorchServe restarting a killed worker (measured: about 5 s)
 LABELS = re.compile(r'(\w+)="([^"]*)"')
@@ -68,7 +68,7 @@ def store(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(store: Path, tmp_path_factory: pytest.TempPathFactory):
     ts = TorchServe(store, list(MODELS), tmp_path_factory.mktemp("ts"), workers=1)
-    with ts.start(timeout=3 * COLD_START_S):  # a slow start fails test_server_settings, not every test
+    with ts.start(timeout=START_TIMEOUT_S):
         pids = {m: ts.worker_pids(m) for m in MODELS}
         tree = [psutil.Process(ts.pid), *psutil.Process(ts.pid).children(recursive=True)]
         print(f"\nTorchServe cold start (start -> {len(MODELS)} workers READY): {ts.cold_start_s:.1f} s")
@@ -222,7 +222,6 @@ def test_refused_key_is_retried_with_the_files_newer_key_and_a_fixed_token_says_
 def test_server_settings(server: TorchServe) -> None:
     info = server.describe("landmark_onnx")
     assert (info["batchSize"], info["maxBatchDelay"]) == (BATCH_SIZE, MAX_BATCH_DELAY_MS)
-    assert server.cold_start_s < COLD_START_S
     metrics = httpx.get(f"{server.metrics_url}/metrics", timeout=10)
     assert metrics.status_code == 200 and "# TYPE" in metrics.text
     for model, backend in MODELS.items():  # the handler's own describe, on the management API
@@ -240,8 +239,14 @@ def test_answer_format_and_order(server: TorchServe, model: str, jpeg: bytes, pr
     assert r.status_code == 200 and r.headers["Content-Type"] == "application/json"
     answer = r.json()
     assert set(answer) == {"landmark", "reason", "confidence", "p_known", "operating_point", "top_k"}
-    assert answer["landmark"] in (None, answer["top_k"][0]) and 0 <= answer["confidence"] <= 1
-    assert answer["reason"] == ("known landmark" if answer["landmark"] else answer["reason"])
+    # the decision follows from the answer's own figures: confidence = P(known) x top-1, cut at the threshold
+    assert answer["confidence"] == pytest.approx(answer["p_known"] * answer["top_k"][0]["probability"], abs=2e-6)
+    threshold = answer["operating_point"]["threshold"]
+    if threshold is not None and answer["confidence"] >= threshold:
+        assert (answer["landmark"], answer["reason"]) == (answer["top_k"][0], "known landmark")
+    else:
+        assert answer["landmark"] is None
+        assert answer["reason"] == ("unknown place" if answer["p_known"] < 0.5 else "below operating point")
     assert answer["operating_point"]["min_precision"] == 0.99
     preds = answer["top_k"]
     assert len(preds) == N_CLASSES  # default k = 5, bounded by the 3 classes
@@ -255,8 +260,11 @@ def test_answer_format_and_order(server: TorchServe, model: str, jpeg: bytes, pr
         p["label"] for p in preds[:2]]
     looser = post(server, model, jpeg, headers={"X-Min-Precision": "0.5"}).json()
     assert looser["operating_point"]["min_precision"] == 0.5
-    strict = answer["operating_point"]["threshold"]  # None: nothing reaches 99% on this tiny validation split
-    assert strict is None or looser["operating_point"]["threshold"] <= strict
+    open_set = predictors[model].open_set  # the operating points are the stored decision's, at either target
+    for got, target in ((answer, 0.99), (looser, 0.5)):
+        want = open_set.threshold(target)
+        assert got["operating_point"]["threshold"] == (None if want is None else round(want, 6)), target
+    assert looser["operating_point"]["threshold"] is not None  # half the tiny model's validation tags are right
 
 
 def test_topk_from_query_form_json_and_header(server: TorchServe, jpeg: bytes) -> None:
@@ -370,8 +378,9 @@ def test_token_required_and_management_closed(server: TorchServe, jpeg: bytes) -
     for headers in ({}, {"Authorization": "Bearer wrong"}, server.management_headers()):
         r = httpx.post(server.url("landmark_onnx"), content=jpeg, headers={"Content-Type": "image/jpeg", **headers},
                           timeout=30)
-        assert r.status_code in (400, 401, 403) and r.json()["type"] == "InvalidKeyException", r.text
-    assert httpx.get(f"{server.management_url}/models", timeout=10).status_code in (400, 401, 403)
+        assert r.status_code == 400 and r.json()["type"] == "InvalidKeyException", r.text  # README: 400, not 401
+    unlisted = httpx.get(f"{server.management_url}/models", timeout=10)
+    assert unlisted.status_code == 400 and unlisted.json()["type"] == "InvalidKeyException", unlisted.text
     mgmt = server.management_headers()
     register = httpx.post(f"{server.management_url}/models", params={"url": "landmark_onnx.mar"}, headers=mgmt,
                              timeout=10)
@@ -379,19 +388,20 @@ def test_token_required_and_management_closed(server: TorchServe, jpeg: bytes) -
     assert [register.status_code, unregister.status_code] == [405, 405]
     # enable_model_api=false leaves worker scaling open, to management-key holders only
     scale = httpx.put(f"{server.management_url}/models/landmark_onnx", params={"min_worker": 3}, timeout=10)
-    assert scale.status_code in (400, 401, 403) and scale.json()["type"] == "InvalidKeyException"
+    assert scale.status_code == 400 and scale.json()["type"] == "InvalidKeyException", scale.text
     assert server.describe("landmark_onnx")["workers"]  # still served
     old = server.headers()
     server.keys.renew()  # what headers() does once the 60-minute key has expired
     assert server.headers() != old
     assert post(server, "landmark_onnx", jpeg).status_code == 200
-    assert post(server, "landmark_onnx", jpeg, headers=old).status_code in (400, 401, 403)
+    stale = post(server, "landmark_onnx", jpeg, headers=old)
+    assert stale.status_code == 400 and stale.json()["type"] == "InvalidKeyException", stale.text
 
 
 def test_udacity_samples_top1_matches_offline(server: TorchServe, shared_data: Path, predictors: dict) -> None:
     photos = sorted((shared_data / "udacity_samples").rglob("*.jpg"))
     if not photos:
-        pytest.skip(f"no photos in {shared_data / 'udacity_samples'}")
+        missing_data(f"no photos in {shared_data / 'udacity_samples'}")
     for model, predictor in predictors.items():
         for path in photos:
             r = post(server, model, path.read_bytes(), headers={"X-Topk": "1"})
@@ -405,17 +415,9 @@ def test_udacity_samples_top1_matches_offline(server: TorchServe, shared_data: P
 
 
 def test_cli_start_predict_stop(store: Path, tmp_path: Path, jpeg: bytes) -> None:
-    ports = dict(zip(("inference", "management", "metrics", "grpc_inference", "grpc_management"), free_ports(5),
-                     strict=True))
-    overrides = {f"{k}_address": f"http://127.0.0.1:{ports[k]}" for k in ("inference", "management", "metrics")}
-    overrides |= {f"{k}_port": str(ports[k]) for k in ("grpc_inference", "grpc_management")}
-    overrides["default_workers_per_model"] = "1"
-    lines = (ROOT / "serve_config" / "config.properties").read_text().splitlines()
-    text = "\n".join(f"{ln.split('=')[0]}={overrides[ln.split('=')[0]]}" if ln.split("=")[0] in overrides else ln
-                     for ln in lines)
-    config = tmp_path / "config.properties"
-    config.write_text(text)
-    assert config_ports(config) == ports
+    config = free_port_config(tmp_path / "config.properties", default_workers_per_model=1)
+    ports = config_ports(config)
+    assert set(ports.values()).isdisjoint(config_ports(ROOT / "serve_config" / "config.properties").values())
     work, img = tmp_path / "work", tmp_path / "photo.jpg"
     img.write_bytes(jpeg)
 
@@ -462,7 +464,7 @@ def test_start_fails_loudly_on_a_broken_archive(tmp_path: Path) -> None:
 
 def test_ready_goes_false_when_every_worker_is_killed_and_back_when_restarted(store: Path, tmp_path: Path,
                                                                               jpeg: bytes) -> None:
-    with TorchServe(store, "landmark_onnx", tmp_path / "ts", workers=1).start(timeout=3 * COLD_START_S) as ts:
+    with TorchServe(store, "landmark_onnx", tmp_path / "ts", workers=1).start(timeout=START_TIMEOUT_S) as ts:
         assert ts.ready() and ts.live()
         pids = ts.worker_pids()
         for pid in pids:
@@ -485,7 +487,7 @@ def test_a_model_that_never_loads_is_never_ready_while_ping_says_healthy(tmp_pat
     ts.launch()
     try:
         t0, seen, described = time.monotonic(), [], []
-        while time.monotonic() - t0 < COLD_START_S and len(described) < 5:
+        while time.monotonic() - t0 < START_TIMEOUT_S and len(described) < 5:
             seen.append((ts.unready() or "ready", ts.live(), ts._worker_died()))
             described = [(reason, live) for reason, live, died in seen if died and "no READY worker" in reason]
             time.sleep(0.25)

@@ -74,12 +74,16 @@ def test_tag_local_end_to_end(photos: Path, tiny_model: Path, tmp_path: Path) ->
 
     # the tagger writes exactly the model's decisions: GPS where the open-set decision says "known landmark"
     predictor = Predictor.from_dir(tiny_model, "onnx", device="cpu", threads=1)
+    labels, top1_right = {c.label for c in predictor.classes}, []
     for rel, r in rows.items():
         if rel in ("broken.jpg", "has_gps.jpg"):
             continue
         answer = predictor.predict([photos / rel])[0]
         assert (r["action"] == "tagged") == (answer["landmark"] is not None), rel
         assert r["reason"] == ("" if answer["landmark"] else answer["reason"]), rel
+        if Path(rel).parent.name in labels:  # a photo in its class's folder grades the top-1
+            top1_right.append(answer["top_k"][0]["label"] == Path(rel).parent.name)
+    assert report["summary"]["graded"] == len(top1_right) > 0
     locations = {c.label: asdict(c.location) for c in read_meta(tiny_model).classes}
     tagged = [r for r in rows.values() if r["action"] == "tagged"]
     assert len(tagged) >= len(list((photos / "taj mahal").iterdir()))  # the synthetic classes are easy
@@ -96,7 +100,7 @@ def test_tag_local_end_to_end(photos: Path, tiny_model: Path, tmp_path: Path) ->
     with Image.open(dst / "16.Eiffel_Tower" / "camera.jpg") as copy:  # camera fields survive
         assert copy.getexif()[ExifTags.Base.Make] == "TestCam"
         assert copy.getexif().get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.DateTimeOriginal] == "2024:05:01 10:00:00"
-    assert report["summary"]["graded"] > 0 and 0 <= report["summary"]["accuracy"] <= 1
+    assert report["summary"]["accuracy"] == pytest.approx(sum(top1_right) / len(top1_right), abs=1e-6)
     assert not list(dst.rglob("*.tmp"))
 
     outputs = digests(dst)

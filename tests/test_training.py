@@ -160,6 +160,8 @@ def test_transfer_recipe_runs_end_to_end(tiny_data: Path, tmp_path: Path) -> Non
                          "--input-size", "64", "--views", "2", "--head-epochs", "3", "--epochs", "2",
                          "--threads", "1")
     assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "\r" not in trained.stderr  # progress bars only on a terminal: a log gets the lines per epoch
+    assert "[head] epoch   1/3" in trained.stdout and "[finetune] epoch   2/2" in trained.stdout
     stages = [json.loads(line)["stage"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert stages.count("head") >= 1 and stages[-1] == "finetune"
     assert json.loads((tmp_path / "metrics.json").read_text())["test_accuracy"] > 0.5

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 from landmark.preprocess import ImageError, PreprocessConfig, center_crop, decode, resize_shorter
+from landmark.progress import progress_bar
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -106,7 +106,7 @@ class PhotoDataset(torch.utils.data.Dataset):
                  desc: str = "decode") -> None:
         self.cfg, self.augment = cfg, augment
         self.labels = torch.tensor([label for _, label in samples])
-        self.images = [self._load(path) for path, _ in tqdm(samples, desc=desc, leave=False, unit="img")]
+        self.images = [self._load(path) for path, _ in progress_bar(samples, desc=desc, leave=False, unit="img")]
 
     def _load(self, path: Path) -> Image.Image:
         try:

@@ -16,9 +16,8 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from tqdm import tqdm
-
 from landmark.cli import positive_float
+from landmark.progress import progress_bar
 
 UDACITY_URL = "https://udacity-dlnfd.s3-us-west-1.amazonaws.com/datasets/landmark_images.zip"
 
@@ -27,7 +26,7 @@ def fetch(url: str, target: Path, timeout: float) -> None:
     """Stream ``url`` to ``target`` with a progress bar."""
     with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {Path(url).name}") as bar:
+        with progress_bar(total=total, unit="B", unit_scale=True, desc=f"download {Path(url).name}") as bar:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 bar.update(len(chunk))
@@ -53,7 +52,7 @@ def install(url: str, dest: Path, timeout: float = 60.0) -> Path:
         fetch(url, archive, timeout)
         try:
             with zipfile.ZipFile(archive) as zf:
-                for member in tqdm(zf.infolist(), desc="extract", unit="file"):
+                for member in progress_bar(zf.infolist(), desc="extract", unit="file"):
                     zf.extract(member, Path(tmp) / "x")  # zipfile strips absolute and '..' components
         except zipfile.BadZipFile as e:
             raise ValueError(f"{url} is not a valid zip archive: {e}") from e

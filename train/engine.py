@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from landmark import atomic
 from landmark.meta import ModelRecord
+from landmark.progress import progress_bar
 from landmark.run_files import BEST, LAST, LOG, load_checkpoint_file, save_checkpoint
 from train import distributed
 
@@ -59,7 +59,7 @@ def run_epoch(module: nn.Module, loader: Iterable, device: torch.device, criteri
     total_loss, correct, seen = 0.0, 0, 0
     amp = device.type == "cuda"
     with torch.set_grad_enabled(training):
-        for x, y in tqdm(loader, desc=desc, leave=False, unit="batch", disable=not distributed.is_main()):
+        for x, y in progress_bar(loader, desc=desc, leave=False, unit="batch", disable=not distributed.is_main()):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = module(x)

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 from torchvision.transforms import v2
-from tqdm import tqdm
 
+from landmark.progress import progress_bar
 from landmark.runtime import OnnxRunner
 from train import distributed
 from train.data import PhotoDataset
@@ -147,7 +147,7 @@ def _cache(fn: Callable, ds: PhotoDataset, repeats: int, desc: str) -> TensorDat
     """Run ``fn`` over ``repeats`` passes of ``ds`` (new augmentations each pass), kept in fp16."""
     xs, ys = [], []
     for r in range(repeats):
-        for x, y in tqdm(DataLoader(ds, batch_size=64), desc=f"{desc} {r + 1}/{repeats}", leave=False,
+        for x, y in progress_bar(DataLoader(ds, batch_size=64), desc=f"{desc} {r + 1}/{repeats}", leave=False,
                          disable=not distributed.is_main()):
             xs.append(fn(x).to("cpu", torch.float16))
             ys.append(y)

@@ -36,6 +36,7 @@ from train.nets import IMAGENET_LITE_MEAN, IMAGENET_LITE_STD, build
 from train.stages import scratch_stages, transfer_stages
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+REQUIRED = ("lr", "batch_size", "weight_decay", "patience", "min_scale")  # no default but a recipe's
 
 
 class UsageError(Exception):
@@ -153,6 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     missing = [str(p) for p in args.negatives if not Path(p).is_dir()]
     if missing:  # found now, not by the export after an hour of training
         parser.error(f"negatives folder(s) not found: {', '.join(missing)}")
+    unset = [f"--{dest.replace('_', '-')}" for dest in REQUIRED if getattr(args, dest) is None]
+    if unset:  # a recipe with no base sets these itself: found now, not as a traceback once the photos are read
+        parser.error(f"recipe {args.recipe!r} sets no {', '.join(unset)}: give them, or a base recipe that does")
     least_epochs = 0 if args.arch == "transfer" else 1  # transfer with 0: the linear head only
     if args.epochs is None or args.epochs < least_epochs:
         parser.error(f"--epochs {args.epochs}: {args.arch} needs at least {least_epochs}")
