@@ -183,9 +183,11 @@ def render(text: str, root: Path) -> str:
         if kind not in RENDERERS:
             raise SystemExit(f"README block 'make report: {kind}': no such renderer ({', '.join(RENDERERS)})")
         sources = [Path(s) for s in m["sources"].split()]
+        if not sources:  # a section no run has written yet: its placeholder stays
+            return m.group(0)
         missing = [str(s) for s in sources if not (root / s).is_file()]
-        if not sources or missing:
-            raise SystemExit(f"README block 'make report: {kind}': source files missing: {missing or 'none named'}")
+        if missing:
+            raise SystemExit(f"README block 'make report: {kind}': source files missing: {missing}")
         results = [json.loads((root / s).read_text(encoding="utf-8")) for s in sources]
         return m.group(1) + RENDERERS[kind](sources, results) + m.group(5)
 

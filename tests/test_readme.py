@@ -26,14 +26,17 @@ def test_make_report_leaves_the_readme_as_committed(tmp_path: Path) -> None:
     assert blocks and "all as their sources give" in done.stdout
     for _, kind, sources, body, _ in blocks:  # each block names its files, and each figure's file is named
         files = sources.split()
-        assert files and all((ROOT / f).is_file() and f.startswith("benchmarks/results/") for f in files), kind
-        assert all(f"`{Path(f).name}`" in body for f in files), kind
+        if not files:  # a section no run has written yet says so, with no figure in it
+            assert "Not yet measured" in body and not re.search(r"\d+\.\d", body), kind
+            continue
+        assert all((ROOT / f).is_file() and f.startswith("benchmarks/results/") for f in files), kind
+        assert all(Path(f).name in body for f in files), kind
 
 
 def test_a_hand_edited_figure_is_found_and_put_back(tmp_path: Path) -> None:
     readme = copy_readme(tmp_path)
     text = readme.read_text(encoding="utf-8")
-    block = next(BLOCK.finditer(text))
+    block = next(b for b in BLOCK.finditer(text) if b["kind"] == "serving")
     figure = re.search(r"\d+\.\d requests/s", block["body"])[0]
     readme.write_text(text.replace(figure, "99.9 requests/s", 1), encoding="utf-8")
     check = run_make("report", f"REPORT_ARGS=--readme {readme} --check")
