@@ -69,7 +69,7 @@ ENGINE ?= $(shell command -v podman || command -v docker || echo podman)
 IMAGE ?= landmark:$(MODEL_VERSION)
 MAR ?= $(MODEL_STORE)/$(MODEL_NAME).mar
 
-.PHONY: help install data train train-scratch train-transfer ensemble export quantize eval-open-set archive serve ready bench-decode bench-proxy \
+.PHONY: help install data train train-scratch train-transfer ensemble export quantize eval-open-set archive serve ready bench-decode bench-proxy bench-open-set \
 	predict stop serve-venv bench bench-index index exiftool gpu-pack gpu-check soak sweep faults app tag tag-distributed image browser-deps test lint demo \
 	report clean
 
@@ -142,6 +142,9 @@ gpu-check: $(STAMP)  ## on CUDA: ORT providers, CUDA=CPU outputs, bench's CUDA r
 
 bench-proxy: $(STAMP)  ## the path users hit: TorchServe directly vs through the app at c=8/16/64, in-process ceiling (MODEL_DIR, PROXY_ARGS)
 	$(PY) -m benchmarks.proxy --model-dir "$(MODEL_DIR)" --backend $(BACKEND) $(PROXY_ARGS)
+
+bench-open-set: $(STAMP)  ## per-request cost of the open-set references + gate against the decision without them (MODEL_DIR)
+	$(PY) -m benchmarks.open_set_cost --model-dir "$(MODEL_DIR)"
 
 bench-decode: $(STAMP)  ## JPEG draft decoding vs full decode: time per photo and the answers, per model (DECODE_ARGS)
 	$(PY) -m benchmarks.decode $(DECODE_ARGS)
