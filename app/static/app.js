@@ -27,6 +27,15 @@ async function checkServer() {
   }
 }
 
+function osmAnchor(loc) {
+  const a = document.createElement("a");
+  a.href = osmLink(loc.lat, loc.lon);
+  a.textContent = "View on OpenStreetMap";
+  a.target = "_blank";
+  a.rel = "noopener noreferrer";
+  return a;
+}
+
 function osmLink(lat, lon) {
   const la = lat.toFixed(5), lo = lon.toFixed(5);
   return `https://www.openstreetmap.org/?mlat=${la}&mlon=${lo}#map=15/${la}/${lo}`;
@@ -57,12 +66,7 @@ function renderAnswer(card, answer) {
     place.textContent = `Place (from your photos): ${[loc.place, loc.country].filter(Boolean).join(", ")} · ` +
       `${loc.lat.toFixed(5)}, ${loc.lon.toFixed(5)} · similarity ${match.similarity.toFixed(3)}, ` +
       `confidence ${(100 * loc.confidence).toFixed(1)}% · like ${match.photos.map((p) => p.path).join(", ")} · `;
-    const a = document.createElement("a");
-    a.href = osmLink(loc.lat, loc.lon);
-    a.textContent = "View on OpenStreetMap";
-    a.target = "_blank";
-    a.rel = "noopener noreferrer";
-    place.appendChild(a);
+    place.appendChild(osmAnchor(loc));
   } else if (!answer.landmark) {
     place.textContent = `Not tagged (${answer.reason}): the model's confidence ` +
       `${(100 * answer.confidence).toFixed(1)}% is below its operating point for ` +
@@ -71,12 +75,7 @@ function renderAnswer(card, answer) {
     const where = [loc.place, loc.country].filter(Boolean).join(", ");
     const coords = `${loc.lat.toFixed(5)}, ${loc.lon.toFixed(5)}`;
     place.textContent = `Place: ${where ? where + " · " : ""}${coords} · `;
-    const a = document.createElement("a");
-    a.href = osmLink(loc.lat, loc.lon);
-    a.textContent = "View on OpenStreetMap";
-    a.target = "_blank";
-    a.rel = "noopener noreferrer";
-    place.appendChild(a);
+    place.appendChild(osmAnchor(loc));
   } else {
     place.textContent = "Place: unknown for this landmark";
   }
