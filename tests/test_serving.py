@@ -238,15 +238,19 @@ def test_answer_format_and_order(server: TorchServe, model: str, jpeg: bytes, pr
     r = post(server, model, jpeg)
     assert r.status_code == 200 and r.headers["Content-Type"] == "application/json"
     answer = r.json()
-    assert set(answer) == {"landmark", "reason", "confidence", "p_known", "operating_point", "top_k"}
-    # the decision follows from the answer's own figures: confidence = P(known) x top-1, cut at the threshold
-    assert answer["confidence"] == pytest.approx(answer["p_known"] * answer["top_k"][0]["probability"], abs=2e-6)
+    assert set(answer) == {"landmark", "reason", "source", "location", "confidence", "p_known", "operating_point",
+                           "top_k", "place"}
+    # the decision follows from the answer's own figures: confidence = P(known) x top-1 x the reference gate
+    # (at most 1), the gate as the stored decision computes it offline, cut at the threshold
+    assert answer["confidence"] <= answer["p_known"] * answer["top_k"][0]["probability"] + 2e-6
+    assert answer["confidence"] == pytest.approx(predictors[model].predict([jpeg])[0]["confidence"], abs=2e-6)
     threshold = answer["operating_point"]["threshold"]
     if threshold is not None and answer["confidence"] >= threshold:
         assert (answer["landmark"], answer["reason"]) == (answer["top_k"][0], "known landmark")
     else:
         assert answer["landmark"] is None
-        assert answer["reason"] == ("unknown place" if answer["p_known"] < 0.5 else "below operating point")
+        unknown = answer["p_known"] < 0.5 or answer["confidence"] < 0.5
+        assert answer["reason"] == ("unknown place" if unknown else "below operating point")
     assert answer["operating_point"]["min_precision"] == 0.99
     preds = answer["top_k"]
     assert len(preds) == N_CLASSES  # default k = 5, bounded by the 3 classes
