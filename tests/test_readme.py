@@ -51,3 +51,18 @@ def test_a_missing_source_file_is_named(tmp_path: Path) -> None:
                       encoding="utf-8")
     done = run_make("report", f"REPORT_ARGS=--readme {readme}")
     assert done.returncode != 0 and "source files missing: ['benchmarks/results/nowhere.json']" in done.stderr
+
+
+def test_ci_time_comes_from_the_record_ci_run_writes(tmp_path: Path) -> None:
+    """.ci/run's logs/ci-run.json, committed as a results file, gives the README's CI time."""
+    record = tmp_path / "benchmarks" / "results" / "ci-run.json"
+    record.parent.mkdir(parents=True)
+    record.write_text('{"schema_version": 1, "command": "bash .ci/run", "seconds": 1110, "cpus": 2, '
+                      '"finished_at": "2026-12-05T15:00:00Z", "commit": "abc1234"}\n', encoding="utf-8")
+    readme = tmp_path / "README.md"
+    readme.write_text("CI (<!-- make report: ci-time benchmarks/results/ci-run.json --><!-- end make report -->)\n",
+                      encoding="utf-8")
+    done = run_make("report", f"REPORT_ARGS=--readme {readme} --root {tmp_path}")
+    assert done.returncode == 0, done.stderr
+    assert readme.read_text(encoding="utf-8") == ("CI (<!-- make report: ci-time benchmarks/results/ci-run.json -->"
+                                                  "18 min on 2 CPUs, `ci-run.json`<!-- end make report -->)\n")
