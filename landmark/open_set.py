@@ -181,11 +181,6 @@ class OpenSet:
                 else self.references.class_similarity(outputs.embedding, log_p.shape[1]))
         return log_p, signals(log_p, log_pknown, sims)
 
-    def scores(self, outputs: Outputs) -> tuple[np.ndarray, np.ndarray]:
-        """(calibrated log probabilities, the score the operating point cuts) of a batch."""
-        log_p, x = self.signals(outputs)
-        return log_p, self._score(x)
-
     def _score(self, x: np.ndarray) -> np.ndarray:
         """log confidence: log top-1 probability + log P(known) + log gate (each 0 where not fitted)."""
         gated = self.gate is not None and self.gate_exponent > 0

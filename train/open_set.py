@@ -193,9 +193,9 @@ def validation_rows(base: OpenSet, val: list[Features], neg_val: list[Features],
         logits = f.logits.astype(np.float64).copy()
         logits[np.arange(len(logits)), f.labels] = -np.inf
         log_p = log_softmax(logits / base.temperature)
-        log_pknown = np.zeros(len(logits)) if base.head is None else base.head.log_pknown(f.embedding)
         sims = base.references.class_similarity(f.embedding, logits.shape[1], drop=f.labels)
-        parts.append((signals(log_p, log_pknown, sims), np.zeros(len(logits), bool), f.photo % folds, "lookalike"))
+        # P(known) reads only the embedding: the known row's own value, not a second pass of the head
+        parts.append((signals(log_p, x[:, 1], sims), np.zeros(len(logits), bool), f.photo % folds, "lookalike"))
     for f in neg_val:
         parts.append((base.signals(f.outputs())[1], np.zeros(len(f.labels), bool), f.photo % folds, "negative"))
     kind = np.concatenate([np.full(len(p[1]), p[3]) for p in parts])
@@ -235,7 +235,7 @@ def fit(train: list[Features], val: list[Features], neg_fit: list[Features] | No
     decision = OpenSet(temperature, head, refs, fit_gate(rows.x[gate_rows], rows.right[gate_rows]), exponent,
                        log_conf[queries], rows.right[queries], min_precision)
     cut = threshold_for_precision(decision.val_score, decision.val_correct, min_precision)
-    known_rows = ~rows.lookalike[queries] & ~rows.negative[queries]
+    known_rows = known_all[queries]
     tagged = decision.val_score >= cut
     record = OpenSetRecord(
         method=METHOD if head is not None else METHOD.replace("resolution-mixed P(known)", "no P(known)"),
